@@ -22,9 +22,16 @@ subprocess (`--worker N`, which prints one JSON line). On CPU the parent sets
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` for it. Such forced host
 devices share the machine's physical cores: on CPU the figures measure the
 cost of partitioning (collectives, per-device dispatch, smaller per-device
-batches), not a speed-up. When JAX's default backend is an accelerator (GPU,
-TPU), the counts are instead 1, 2, 4, ... up to `jax.device_count()`, each run
-on the first k devices (`--platform cpu` forces the CPU path there).
+batches), not a speed-up (see NOTE). When JAX's default backend is an
+accelerator (GPU, TPU), the counts are instead 1, 2, 4, ... up to
+`jax.device_count()`, each run on the first k devices (`--platform cpu` forces
+the CPU path there).
+
+Timing: `--warmup` untimed calls of each (compilation), then `--repeats`
+interleaved rounds timing each of the four calls once (`common.time_call`,
+looping a call for `--min_time` seconds when it is quicker), so that load from
+other processes hits every figure alike; medians are reported, and every
+sample is kept in the JSON (`samples_seconds`).
 
     python benchmarks/scaling.py --devices 1,2,4,8 --out results/scaling.json
 """
@@ -36,10 +43,11 @@ import functools
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):
   # Run as `python benchmarks/scaling.py`: import this checkout's certjax and
@@ -53,11 +61,13 @@ RESULT_PREFIX = "SCALING_RESULT "
 FORCE_FLAG = "--xla_force_host_platform_device_count"
 NOTE = (
     "On CPU the devices are forced host-platform devices "
-    "(XLA_FLAGS=--xla_force_host_platform_device_count=N): they all share the same "
-    "physical cores, so adding devices adds no compute. The CPU figures measure the "
+    "(XLA_FLAGS=--xla_force_host_platform_device_count=N) that all share the same "
+    "physical cores: adding devices adds no compute, so these figures measure the "
     "overhead of partitioning the same global batch (gradient all-reduce, per-device "
-    "dispatch, smaller per-device batches), not a speed-up; a ratio near 1.0 means "
-    "little overhead. Real scaling needs separate accelerators (GPU/TPU path).")
+    "dispatch, smaller per-device batches), not a speed-up. A ratio near 1.0 means "
+    "little overhead; a ratio above 1.0 only means that N device programs keep the "
+    "shared cores busier than one device's program does (at most cpu_count-fold), "
+    "not scaling. Real scaling needs separate accelerators (this script's GPU/TPU path).")
 
 # The quickstart model (IBP small CNN) on MNIST-shaped input, as in
 # benchmarks/train_throughput.py.
@@ -100,28 +110,6 @@ def _initial_state(model, tx):
   params = variables.pop("params")
   return train_lib.TrainState(step=np.zeros((), np.int32), params=params,
                               model_state=variables, opt_state=tx.init(params))
-
-
-def _time_steps(train_step, state, batch, key, warmup: int, repeats: int,
-                min_time: float) -> float:
-  """Median seconds per consecutive training step (the state is donated)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  for _ in range(warmup):
-    state, metrics = train_step(state, batch, key)
-  jax.block_until_ready((state, metrics))
-  samples = []
-  for _ in range(repeats):
-    n, start = 0, time.perf_counter()
-    while True:
-      state, metrics = train_step(state, batch, key)
-      jax.block_until_ready((state, metrics))
-      n += 1
-      elapsed = time.perf_counter() - start
-      if elapsed >= min_time:
-        break
-    samples.append(elapsed / n)
-  samples.sort()
-  return samples[len(samples) // 2]
 
 
 def measure(num_devices: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -188,18 +176,36 @@ def measure(num_devices: int, args: argparse.Namespace) -> dict[str, Any]:
                             args.sigma, args.num, device_batch, mesh=mesh)
   draws = args.inputs * args.num
 
-  timing = dict(warmup=args.warmup, repeats=args.repeats, min_time=args.min_time)
-  t_forward = common.time_call(forward, state.variables, batch["image"], **timing)
-  t_fwd_bwd = common.time_call(forward_backward, state.params, state.model_state, batch,
-                               **timing)
   counts = count()
   if (int(np.asarray(counts).sum()) != draws
       or len(counts.sharding.device_set) != num_devices):
     raise RuntimeError("sample_counts returned wrong totals or placement: "
                        f"{counts.sharding}")
-  t_count = common.time_call(count, **timing)
-  # Last: the step donates (and so consumes) `state`.
-  t_step = _time_steps(train_step, state, batch, key, **timing)
+
+  # The step donates its state: it gets its own copy, so the other calls keep theirs.
+  holder = {"state": jax.device_put(_initial_state(model, tx), repl)}
+
+  def step():
+    # Consecutive steps, as in the training loop: the state is donated.
+    holder["state"], metrics = train_step(holder["state"], batch, key)
+    return holder["state"], metrics
+
+  calls = {"forward": functools.partial(forward, state.variables, batch["image"]),
+           "forward_backward": functools.partial(forward_backward, state.params,
+                                                 state.model_state, batch),
+           "sample_counts": count,
+           "train_step": step}
+  for fn in calls.values():
+    for _ in range(args.warmup):
+      jax.block_until_ready(fn())
+  # Interleaved rounds, so that load from other processes hits every figure alike.
+  samples = {name: [] for name in calls}
+  for _ in range(args.repeats):
+    for name, fn in calls.items():
+      samples[name].append(common.time_call(fn, warmup=0, repeats=1,
+                                            min_time=args.min_time))
+  t_forward, t_fwd_bwd, t_count, t_step = (
+      statistics.median(samples[name]) for name in calls)
 
   return {
       "devices": num_devices,
@@ -222,6 +228,8 @@ def measure(num_devices: int, args: argparse.Namespace) -> dict[str, Any]:
       "train_step_vs_forward_backward": t_fwd_bwd / t_step,
       "certification_vs_forward": (draws / t_count) / (args.batch / t_forward),
       "params": num_params,
+      "samples_seconds": samples,
+      "environment": common.environment(),
   }
 
 
@@ -256,6 +264,29 @@ def _run_worker(num_devices: int, args: argparse.Namespace) -> dict[str, Any]:
   result = json.loads(lines[-1][len(RESULT_PREFIX):])
   result["worker_wall_seconds"] = time.perf_counter() - start
   return result
+
+
+def run_workers(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """One worker per device count: `--devices` on CPU, the host's own otherwise."""
+  counts, results, first = list(args.devices), [], True
+  while counts:
+    n = counts.pop(0)
+    result = _run_worker(n, args)
+    if first and result["platform"] != "cpu":
+      # An accelerator host: its own device counts replace the CPU list, and
+      # this first result is kept only if it is the first of them.
+      counts = [k for k in _powers_of_two_up_to(result["devices_available"])
+                if args.batch % k == 0 and args.inputs % k == 0]
+      print(f"{result['platform']} backend with {result['devices_available']} device(s): "
+            f"measuring {counts} devices instead of --devices", flush=True)
+      if "skipped" in result or counts[0] != n:
+        first = False
+        continue
+      counts.pop(0)
+    first = False
+    results.append(result)
+    print(f"  {n} device(s): done in {result['worker_wall_seconds']:.1f} s", flush=True)
+  return results
 
 
 def _powers_of_two_up_to(n: int) -> list[int]:
@@ -329,35 +360,18 @@ def main(argv=None) -> dict[str, Any] | None:
       parser.error(f"{name}={value} must be a positive multiple of every device count "
                    f"{args.devices} (not of {bad}).")
 
-  counts, results, first = list(args.devices), [], True
-  while counts:
-    n = counts.pop(0)
-    result = _run_worker(n, args)
-    if first and result["platform"] != "cpu":
-      # An accelerator host: its own device counts replace the CPU list, and
-      # this first result is kept only if it is the first of them.
-      counts = [k for k in _powers_of_two_up_to(result["devices_available"])
-                if args.batch % k == 0 and args.inputs % k == 0]
-      print(f"{result['platform']} backend with {result['devices_available']} device(s): "
-            f"measuring {counts} devices instead of --devices", flush=True)
-      if "skipped" in result or counts[0] != n:
-        first = False
-        continue
-      counts.pop(0)
-    first = False
-    results.append(result)
-    print(f"  {n} device(s): done in {result['worker_wall_seconds']:.1f} s", flush=True)
+  results = run_workers(args)
   _add_ratios(results)
 
   platform = results[0]["platform"]
+  environment = {k: v for k, v in results[0]["environment"].items() if k != "num_devices"}
   report = {
       "benchmark": "scaling",
       "model": MODEL,
       "input_shape": list(IMAGE_SHAPE),
       "settings": {k: getattr(args, k) for k in
                    ("batch", "inputs", "num", "sigma", "warmup", "repeats", "min_time")},
-      "environment": {"platform": platform, "device_kind": results[0]["device_kind"],
-                      "forced_host_devices": platform == "cpu", **common.host()},
+      "environment": {**environment, "forced_host_devices": platform == "cpu"},
       "note": NOTE if platform == "cpu" else (
           f"{platform} devices: each device count uses the first k devices of the host."),
       "results": results,

@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/scaling.py: one worker per forced CPU device count."""
 
+import argparse
 import json
 import math
 import os
@@ -36,6 +37,7 @@ def test_scaling_writes_positive_figures_per_device_count(tmp_path):
   assert report["benchmark"] == "scaling" and report["model"] == "ibp_small"
   assert report["environment"]["platform"] == "cpu"
   assert report["environment"]["forced_host_devices"] is True
+  assert report["environment"]["versions"]["jax"] == jax.__version__
   assert "same physical cores" in report["note"] and "not a speed-up" in report["note"]
   results = report["results"]
   assert [r["devices"] for r in results] == [1, 2]
@@ -52,6 +54,8 @@ def test_scaling_writes_positive_figures_per_device_count(tmp_path):
       assert math.isclose(r[f"{name}_vs_baseline"], r[figure] / results[0][figure])
     assert math.isclose(r["train_step_images_per_s"], 16 / r["train_step_seconds"])
     assert r["params"] > 0
+    assert all(len(v) == 1 for v in r["samples_seconds"].values())
+    assert r["environment"]["num_devices"] == r["devices"]
   assert results[0]["train_step_vs_baseline"] == 1.0
   # The readable table: a row per device count, and the note.
   rows = [line.split() for line in proc.stdout.splitlines()]
@@ -75,3 +79,38 @@ def test_worker_env_replaces_an_existing_device_count_flag(monkeypatch):
                                       "--xla_force_host_platform_device_count=4"]
   assert env["JAX_PLATFORMS"] == "cpu"
   assert env["PYTHONPATH"].split(os.pathsep)[0] == ROOT
+
+
+def _fake_worker(platform, available, started):
+  def run(n, args):
+    started.append(n)
+    if n > available:
+      return {"devices": n, "devices_available": available, "platform": platform,
+              "skipped": "too few"}
+    return {"devices": n, "devices_available": available, "platform": platform,
+            "worker_wall_seconds": 0.0}
+  return run
+
+
+def test_accelerator_host_measures_its_own_power_of_two_counts(monkeypatch):
+  args = argparse.Namespace(devices=[8, 16], batch=256, inputs=8)
+  started = []
+  monkeypatch.setattr(scaling, "_run_worker", _fake_worker("gpu", 4, started))
+  results = scaling.run_workers(args)
+  # The first (too large) request only reveals the backend; 1, 2, 4 are measured.
+  assert started == [8, 1, 2, 4]
+  assert [r["devices"] for r in results] == [1, 2, 4]
+
+  started.clear()
+  monkeypatch.setattr(scaling, "_run_worker", _fake_worker("gpu", 2, started))
+  results = scaling.run_workers(argparse.Namespace(devices=[1, 2, 4, 8], batch=256,
+                                                   inputs=8))
+  assert started == [1, 2] and [r["devices"] for r in results] == [1, 2]
+
+
+def test_cpu_host_measures_the_requested_counts(monkeypatch):
+  started = []
+  monkeypatch.setattr(scaling, "_run_worker", _fake_worker("cpu", 99, started))
+  results = scaling.run_workers(argparse.Namespace(devices=[1, 2, 4, 8], batch=256,
+                                                   inputs=8))
+  assert started == [1, 2, 4, 8] and [r["devices"] for r in results] == [1, 2, 4, 8]
