@@ -65,9 +65,11 @@ NOTE = (
     "physical cores: adding devices adds no compute, so these figures measure the "
     "overhead of partitioning the same global batch (gradient all-reduce, per-device "
     "dispatch, smaller per-device batches), not a speed-up. A ratio near 1.0 means "
-    "little overhead; a ratio above 1.0 only means that N device programs keep the "
-    "shared cores busier than one device's program does (at most cpu_count-fold), "
-    "not scaling. Real scaling needs separate accelerators (this script's GPU/TPU path).")
+    "little overhead. A ratio above 1.0 comes either from N device programs keeping "
+    "the shared cores busier than one device's program does (bounded by the number of "
+    "cores) or from other processes' load changing between the runs (each device "
+    "count runs in its own process, one after the other); it is not scaling. Real "
+    "scaling needs separate accelerators (this script's GPU/TPU path).")
 
 # The quickstart model (IBP small CNN) on MNIST-shaped input, as in
 # benchmarks/train_throughput.py.
