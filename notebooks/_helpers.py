@@ -299,6 +299,20 @@ def certification_table(runs: Sequence[CertifyRun], radii: Sequence[float] = (
   return pd.DataFrame(rows)
 
 
+def radius_cap(sigma: float, n: int, alpha: float) -> float:
+  """The largest radius CERTIFY can return with n draws: sigma * Phi^-1(alpha^(1/n)),
+  reached when all n noisy predictions agree (Cohen et al. 2019)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  return float(sigma * stats.norm.ppf(alpha ** (1.0 / n)))
+
+
+def _n_alpha(run: CertifyRun) -> tuple[int, float] | None:
+  settings = run.record.get("settings", {})
+  if settings.get("n") is None or settings.get("alpha") is None:
+    return None
+  return int(settings["n"]), float(settings["alpha"])
+
+
 def plot_certified_accuracy(runs: Sequence[CertifyRun], anchors: Iterable[Anchor] = (),
                             max_radius: float | None = None):
   """Certified accuracy against L2 radius, one panel per sigma, anchors dashed.
@@ -326,6 +340,9 @@ def plot_certified_accuracy(runs: Sequence[CertifyRun], anchors: Iterable[Anchor
                     f"n={run.record.get('settings', {}).get('n', '?')})")
     for a in (a for a in anchors if a.sigma == sigma):
       ax.plot(a.x, a.accuracy, "k--o", markersize=4, linewidth=1, label=a.label)
+    for n, alpha in sorted({_n_alpha(r) for r in runs if r.sigma == sigma} - {None}):
+      ax.axvline(radius_cap(sigma, n, alpha), color="gray", linestyle=":", linewidth=1,
+                 label=f"largest radius n={n:,} can certify")
     ax.set_title(f"sigma = {sigma:g}")
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_xlim(0, right)

@@ -318,3 +318,11 @@ def test_bar_chart_draws_one_labelled_bar_per_row_present():
   ax = fig.axes[0]
   assert [p.get_height() for p in ax.patches] == [1.0, 2.0]  # the NaN row is not drawn
   assert [t.get_text() for t in ax.get_xticklabels()] == ["a"]
+
+
+def test_radius_cap_matches_the_caps_stated_in_the_configs():
+  # configs/mnist5k_smoothing.py: sigma * Phi^-1(0.001 ** (1 / 5000)) = 0.749 at sigma 0.25;
+  # configs/mnist_smoothing.py: 2.99 sigma at n = 5,000 and 3.8 sigma at n = 100,000.
+  assert helpers.radius_cap(0.25, 5_000, 0.001) == pytest.approx(0.749, abs=1e-3)
+  assert helpers.radius_cap(1.0, 5_000, 0.001) == pytest.approx(2.99, abs=5e-3)
+  assert helpers.radius_cap(1.0, 100_000, 0.001) == pytest.approx(3.8, abs=0.05)
