@@ -4,7 +4,7 @@ The IBP-paper small CNN trained on the 4,000 embedded MNIST digits with
 Gaussian noise augmentation at sigma = 0.25 (Cohen et al. 2019), then
 certified with CERTIFY on every 10th of the 1,000 test digits (100 images),
 n0 = 100, n = 5,000, alpha = 0.001 (with n = 5,000 no radius can exceed
-sigma * Phi^-1(0.001 ** (1 / 5000)) = 0.749; Cohen et al. use n = 100,000:
+sigma * Phi^-1(0.001 ** (1 / 5000)) = 0.748; Cohen et al. use n = 100,000:
 add --config.certify.n=100000 for larger certificates, about 20x slower).
 
 Commands:
