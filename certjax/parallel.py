@@ -41,9 +41,21 @@ ENV_ADDRESS = "CERTJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "CERTJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "CERTJAX_PROCESS_ID"
 ENV_TIMEOUT = "CERTJAX_DISTRIBUTED_TIMEOUT"
+ENV_MODE = "CERTJAX_DISTRIBUTED"
 DEFAULT_TIMEOUT_S = 300
-# Variables from which jax.distributed.initialize() finds its peers by itself.
-_AUTO_DETECT_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def _auto_detected(environ: Mapping[str, str]) -> bool:
+  """True inside a multi-process SLURM step, Open MPI job or TPU-pod (GKE) job,
+  whose variables jax.distributed.initialize() reads by itself."""
+
+  def count(name: str) -> int:
+    text = environ.get(name, "").strip()
+    return int(text) if text.isdigit() else 0
+
+  return ((count("SLURM_NTASKS") > 1 and "SLURM_PROCID" in environ)
+          or count("OMPI_COMM_WORLD_SIZE") > 1
+          or len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
 
 
 class CoordinatorUnreachableError(TimeoutError):
@@ -88,9 +100,12 @@ def distributed_settings(environ: Mapping[str, str] | None = None
 
   Explicit settings: `CERTJAX_COORDINATOR_ADDRESS=host:port` (process 0's
   host and a free port), `CERTJAX_NUM_PROCESSES` and `CERTJAX_PROCESS_ID`.
-  Without them, a SLURM, Open MPI or TPU-pod environment is left to
-  `jax.distributed.initialize()`'s own detection. `CERTJAX_DISTRIBUTED_TIMEOUT`
-  (seconds, default 300) bounds the wait for the coordinator and the peers.
+  Without them, a multi-process SLURM step, Open MPI job or GKE TPU job is
+  left to `jax.distributed.initialize()`'s own detection, and so is any
+  cluster it knows (e.g. a Cloud TPU VM pod slice) with
+  `CERTJAX_DISTRIBUTED=auto`; `CERTJAX_DISTRIBUTED=off` forces a
+  single-process run. `CERTJAX_DISTRIBUTED_TIMEOUT` (seconds, default 300)
+  bounds the wait for the coordinator and the peers.
 
   Args:
     environ: the environment (default `os.environ`).
@@ -105,7 +120,13 @@ def distributed_settings(environ: Mapping[str, str] | None = None
   timeout_s = DEFAULT_TIMEOUT_S
   if environ.get(ENV_TIMEOUT, "").strip():
     timeout_s = _env_int(environ, ENV_TIMEOUT, 1)
+  mode = environ.get(ENV_MODE, "").strip().lower()
+  if mode not in ("", "auto", "off"):
+    raise ValueError(f"{ENV_MODE} must be 'auto' (let jax.distributed.initialize() detect "
+                     f"the cluster) or 'off' (one process); got {environ[ENV_MODE]!r}.")
   address = environ.get(ENV_ADDRESS, "").strip()
+  if mode == "off":
+    return None
   if not address:
     stray = [n for n in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if environ.get(n, "").strip()]
     if stray:
@@ -113,7 +134,7 @@ def distributed_settings(environ: Mapping[str, str] | None = None
           f"{' and '.join(stray)} set without {ENV_ADDRESS}: set it to 'host:port' of "
           "process 0 (the coordinator) on every process, or unset them for a "
           "single-process run.")
-    if any(v in environ for v in _AUTO_DETECT_ENV):
+    if mode == "auto" or _auto_detected(environ):
       return DistributedSettings(None, None, None, timeout_s)
     return None
   host, _, port = address.rpartition(":")
@@ -166,8 +187,9 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
 
   A single-process run does nothing. Multi-process runs are recognised by
   certjax's explicit variables (see `distributed_settings`; any cluster,
-  localhost tests) or by the variables `jax.distributed.initialize` reads itself
-  (TPU pods, SLURM, Open MPI). Must run before any other JAX call.
+  localhost tests), by `CERTJAX_DISTRIBUTED=auto`, or by the variables
+  `jax.distributed.initialize` reads itself (SLURM, Open MPI, TPU on GKE).
+  Must run before any other JAX call.
 
   The wait is bounded by `CERTJAX_DISTRIBUTED_TIMEOUT` seconds (default 300):
   a process other than 0 that cannot reach the coordinator raises
@@ -211,9 +233,12 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
         "start or cannot reach %s.", settings.process_id, settings.num_processes,
         settings.coordinator_address, remaining, ENV_TIMEOUT,
         settings.coordinator_address)
+    # 'deactivate': explicit settings win over a scheduler's variables, which
+    # would otherwise (under SLURM or Open MPI) restrict every process to one GPU.
     jax.distributed.initialize(
         settings.coordinator_address, num_processes=settings.num_processes,
-        process_id=settings.process_id, initialization_timeout=remaining)
+        process_id=settings.process_id, initialization_timeout=remaining,
+        cluster_detection_method="deactivate")
   logging.info("Process %d of %d: %d local of %d devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

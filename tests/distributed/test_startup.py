@@ -21,9 +21,17 @@ def test_settings_from_explicit_variables():
       certjax_env(COORDINATOR_ADDRESS="[::1]:99", NUM_PROCESSES=2, PROCESS_ID=0,
           DISTRIBUTED_TIMEOUT=7))
   assert settings.timeout_s == 7
-  # SLURM / Open MPI / TPU pods: left to jax.distributed's own detection.
-  assert parallel.distributed_settings({"SLURM_NTASKS": "8"}) == (
-      parallel.DistributedSettings(None, None, None, 300))
+  # Clusters that jax.distributed.initialize() detects itself.
+  auto = parallel.DistributedSettings(None, None, None, 300)
+  for variables in ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"},
+                    {"OMPI_COMM_WORLD_SIZE": "2"}, {"TPU_WORKER_HOSTNAMES": "a,b"},
+                    {"CERTJAX_DISTRIBUTED": "auto"}):
+    assert parallel.distributed_settings(variables) == auto, variables
+  # One task, or outside an srun step, or switched off: a single process.
+  for variables in ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, {"SLURM_NTASKS": "8"},
+                    {"TPU_WORKER_HOSTNAMES": "a"},
+                    {"CERTJAX_DISTRIBUTED": "off", "OMPI_COMM_WORLD_SIZE": "2"}):
+    assert parallel.distributed_settings(variables) is None, variables
 
 
 @pytest.mark.parametrize("variables, message", [
@@ -40,6 +48,7 @@ def test_settings_from_explicit_variables():
     (certjax_env(COORDINATOR_ADDRESS="h:1", NUM_PROCESSES=2, PROCESS_ID=0, DISTRIBUTED_TIMEOUT=0),
      "CERTJAX_DISTRIBUTED_TIMEOUT must be an integer >= 1"),
     (certjax_env(NUM_PROCESSES=2, PROCESS_ID=0), "set without CERTJAX_COORDINATOR_ADDRESS"),
+    (certjax_env(DISTRIBUTED="yes"), "CERTJAX_DISTRIBUTED must be 'auto' .* or 'off'"),
 ])
 def test_malformed_variables_are_named(variables, message):
   with pytest.raises(ValueError, match=message):
