@@ -222,7 +222,14 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
   if settings.coordinator_address is None:
     logging.info("jax.distributed.initialize() with cluster auto-detection "
                  "(timeout %d s)", settings.timeout_s)
-    jax.distributed.initialize(initialization_timeout=settings.timeout_s)
+    try:
+      jax.distributed.initialize(initialization_timeout=settings.timeout_s)
+    except ValueError as e:
+      raise ValueError(
+          f"jax.distributed.initialize() could not detect the cluster ({e}); it knows "
+          "SLURM steps, Open MPI jobs and Cloud TPU VMs. Elsewhere set "
+          f"{ENV_ADDRESS}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (see "
+          "launch/README.md).") from e
   else:
     if settings.process_id != 0:
       _wait_for_coordinator(settings.coordinator_address, deadline, settings)

@@ -29,6 +29,8 @@ START_CASES = {
     # Process 0 is the coordinator, so it is reachable; its peer never comes.
     "missing_peer": dict(DISTRIBUTED_TIMEOUT=1, NUM_PROCESSES=2, PROCESS_ID=0),
     "malformed": dict(DISTRIBUTED_TIMEOUT=5, NUM_PROCESSES=2, PROCESS_ID=5),
+    # No scheduler or TPU for jax.distributed.initialize() to detect.
+    "auto_undetected": dict(DISTRIBUTED="auto", DISTRIBUTED_TIMEOUT=5, COORDINATOR_ADDRESS=""),
 }
 
 
@@ -41,11 +43,11 @@ class Launched:
     start_cases: {case: (coordinator address, Popen)}.
   """
 
-  def __init__(self, tmp):
+  def __init__(self, tmp, start_workers=True):
     self.tmp = tmp
     port = free_port()
     self.workers = []
-    for process_id in range(2):
+    for process_id in range(2 if start_workers else 0):
       env = subprocess_env(
           XLA_FLAGS="--xla_force_host_platform_device_count=2",
           **certjax_env(COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES=2,
@@ -60,7 +62,7 @@ class Launched:
       self.start_cases[name] = (address, subprocess.Popen(
           [sys.executable, "-c", START_ONLY], cwd=ROOT, stdout=subprocess.PIPE,
           stderr=subprocess.PIPE, text=True,
-          env=subprocess_env(**certjax_env(COORDINATOR_ADDRESS=address, **variables))))
+          env=subprocess_env(**certjax_env(**{"COORDINATOR_ADDRESS": address, **variables}))))
 
   def close(self):
     for proc, log in self.workers:
@@ -75,7 +77,9 @@ class Launched:
 
 
 @pytest.fixture(scope="session")
-def launched(tmp_path_factory):
-  handles = Launched(tmp_path_factory.mktemp("distributed"))
+def launched(request, tmp_path_factory):
+  # The workers only when a selected test needs them (not under -m "not slow").
+  start_workers = any("runs" in item.fixturenames for item in request.session.items)
+  handles = Launched(tmp_path_factory.mktemp("distributed"), start_workers)
   yield handles
   handles.close()

@@ -94,6 +94,14 @@ def test_malformed_variables_end_the_launcher_with_one_line(start_only):
   assert "Traceback" not in proc.stderr
 
 
+def test_undetected_cluster_is_named(start_only):
+  _, proc, _ = start_only["auto_undetected"]
+  assert proc.returncode == 1
+  assert "certjax error: jax.distributed.initialize() could not detect the cluster" in (
+      proc.stderr)
+  assert "CERTJAX_COORDINATOR_ADDRESS" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_host_shares_tile_the_items_in_order():
   for count in (0, 1, 3, 7, 8):
     for hosts in (1, 2, 3):
