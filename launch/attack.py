@@ -9,6 +9,10 @@ Use the config the model was trained with; the attack settings are
 `--config.attack.attacks='("pgd","autoattack")' --config.attack.eps_list='(0.1,0.3)'
 --config.skip=10 --config.max=1000`. Writes <workdir>/attack/results.json and
 results.md and prints the table.
+
+Multi-host: start the same command in every process (see launch/README.md);
+each host attacks only its share of the images and process 0 writes the
+gathered results.
 """
 
 from absl import app, flags

@@ -17,6 +17,11 @@ Certification settings live in the config's `certify` section, e.g.
 `certify.sigma=-1` (the default) uses the training objective's sigma. See
 certjax/smoothing/config.py for every field. Re-running an interrupted run
 with the same settings resumes after the last image written.
+
+Multi-host: start the same command in every process (see launch/README.md);
+each host certifies its share of every group of `certify.images_per_call`
+images on its own devices, and process 0 writes the gathered certificates.
+They do not depend on the number of devices or hosts.
 """
 
 from absl import app, flags, logging

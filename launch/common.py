@@ -1,4 +1,12 @@
-"""Helpers shared by the launch scripts."""
+"""Helpers shared by the launch scripts.
+
+Every launcher starts with `start(argv)`, which calls
+`certjax.parallel.initialize_distributed()`: the same command runs on one
+device, on all devices of one host, or as one process per host (or per GPU)
+of a multi-host GPU cluster or TPU pod slice. launch/README.md explains how
+to start each, how batch sizes relate to the device count, and where results
+land.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +27,15 @@ flags.DEFINE_bool("traceback", False,
 def run_reporting_errors(fn: Callable[[], object]) -> object:
   """Runs `fn`; a certjax input error is printed as one clear line and exit code 1.
 
-  certjax raises ValueError/FileNotFoundError with messages naming the problem
-  and the accepted values; a traceback through JAX internals adds nothing to
+  certjax raises ValueError/FileNotFoundError (TimeoutError for an unreachable
+  multi-host coordinator) with messages naming the problem and the accepted
+  values; a traceback through JAX internals adds nothing to
   them. `--traceback` shows it anyway.
   """
   try:
     return fn()
-  except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError,
+          TimeoutError) as e:
     if flags.FLAGS.traceback:
       raise
     print(f"certjax error: {e}\n(run with --traceback for the full traceback)",
@@ -60,9 +70,10 @@ def define_config_and_workdir(config_help: str, workdir_help: str) -> None:
 
 def start(argv: list[str]) -> None:
   """Start-up shared by the launchers' main(): argument check, quiet library
-  logs, and `jax.distributed.initialize()` on multi-host runs."""
+  logs, and `jax.distributed.initialize()` on multi-host runs (bad CERTJAX_*
+  variables or an unreachable coordinator end the run with one clear line)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_library_logs()
   from certjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.initialize_distributed()
+  run_reporting_errors(parallel.initialize_distributed)

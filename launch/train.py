@@ -6,11 +6,14 @@ Override any config key on the command line, e.g.
 `--config.optimizer.learning_rate=0.01 --config.num_epochs=5`. Re-running with
 the same --workdir resumes from the newest checkpoint there.
 
-Multi-host (GPU cluster or TPU pod slice): start the same command on every
-host. On TPU pods and under SLURM/Open MPI `jax.distributed.initialize()`
-finds its peers itself; elsewhere set CERTJAX_COORDINATOR_ADDRESS=host:port,
-CERTJAX_NUM_PROCESSES and CERTJAX_PROCESS_ID on each host. config.batch_size is
-the global batch over all devices.
+Multi-host (GPU cluster or TPU pod slice): start the same command in every
+process. Under SLURM/Open MPI `jax.distributed.initialize()` finds its peers
+itself; on Cloud TPU VMs add CERTJAX_DISTRIBUTED=auto; elsewhere set
+CERTJAX_COORDINATOR_ADDRESS=host:port, CERTJAX_NUM_PROCESSES and
+CERTJAX_PROCESS_ID in each process. config.batch_size and eval_batch_size are
+global (over all devices of all hosts) and must be multiples of the device
+count; each host reads only its slice of every batch. launch/README.md has
+the commands for each kind of cluster and where the results land.
 """
 
 from absl import app, flags, logging

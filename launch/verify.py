@@ -9,6 +9,11 @@ image, below index max; -1 = all), e.g.
 `--config.verify.eps_list='(0.1,0.3)' --config.verify.methods='("ibp","crown_ibp","crown")'
 --config.skip=10`. Results: <workdir>/verify/results.json and results.md,
 and the table is printed.
+
+Multi-host: start the same command in every process (see launch/README.md);
+bounds run data-parallel over all devices of all hosts, each host reading
+only its share of the images; `verify.batch_size` is global, and process 0
+writes the results.
 """
 
 from absl import app, flags, logging

@@ -14,8 +14,16 @@ Full CROWN runs one backward pass per ReLU neuron, so it is skipped (and the
 reason recorded) on networks with more than `verify.crown_max_neurons` ReLU
 neurons per example, and computed `verify.crown_batch_size` images at a time.
 Bounds are always computed in float32 (a model trained with
-compute_dtype='bfloat16' is rebuilt in float32 for verification). The run is
-single-device and single-host.
+compute_dtype='bfloat16' is rebuilt in float32 for verification).
+
+The run is data-parallel over every device of every host: each host reads
+only its contiguous share of the selected images (`parallel.host_share`),
+and global batch k joins the k-th local batch of every host into one array
+sharded over the `data` mesh axis. `verify.batch_size` and
+`verify.crown_batch_size` are global and rounded up to a multiple of the
+device count; padding rows carry mask False, and the verified counts are
+masked sums over the global batch, so every image counts exactly once
+whatever the number of devices and hosts. Process 0 writes the files.
 
 References:
   Gowal et al. 2018, https://arxiv.org/abs/1810.12715 (IBP verified accuracy).
@@ -43,6 +51,7 @@ from absl import logging
 
 from certjax import data as data_lib
 from certjax import models as models_lib
+from certjax import parallel
 from certjax import validation
 from certjax.bounds import config as verify_config_lib
 from certjax.bounds import graph as graph_lib
@@ -68,36 +77,51 @@ class VerificationResults:
   table_path: str
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int):
-  """Fixed-shape batches (the last padded with copies of image 0), with masks."""
-  for start in range(0, len(x), batch_size):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+def _local_batches(x: np.ndarray, y: np.ndarray, num_batches: int, local_size: int):
+  """This host's `num_batches` batches of `local_size` rows (zero padding, mask False)."""
+  for k in range(num_batches):
+    xb, yb = x[k * local_size:(k + 1) * local_size], y[k * local_size:(k + 1) * local_size]
     count = len(xb)
-    if count < batch_size:
-      pad = batch_size - count
-      xb = np.concatenate([xb, np.repeat(x[:1], pad, axis=0)])
-      yb = np.concatenate([yb, np.repeat(y[:1], pad, axis=0)])
-    yield xb, yb, np.arange(batch_size) < count
+    mask = np.arange(local_size) < count
+    if count < local_size:
+      xb = np.concatenate([xb, np.zeros((local_size - count, *x.shape[1:]), x.dtype)])
+      yb = np.concatenate([yb, np.zeros(local_size - count, y.dtype)])
+    yield {"image": xb, "label": yb, "mask": mask}
 
 
-def _make_steps(model, methods):
-  """Jitted (variables, x, y, eps) -> verified mask per method, plus clean predictions."""
+def _global_batches(x, y, share_size: int, batch_size: int, mesh):
+  """Global sharded batches of `batch_size` over all hosts' shares (padded, masked).
+
+  Every host yields the same number of batches, as the SPMD programs need.
+  """
+  local_size = batch_size // jax.process_count()
+  num_batches = max(1, -(-share_size // local_size))
+  for batch in _local_batches(x, y, num_batches, local_size):
+    yield parallel.host_to_global(batch, mesh)
+
+
+def _make_steps(model, methods, mesh):
+  """Jitted (variables, batch[, eps]) -> count of correct / verified real images."""
 
   def logits_fn_of(variables):
     return functools.partial(model.apply, variables, train=False)
 
-  @jax.jit
-  def predict(variables, x):
-    return jnp.argmax(logits_fn_of(variables)(x), axis=-1)
+  def correct_count(variables, batch):
+    correct = jnp.argmax(logits_fn_of(variables)(batch["image"]), axis=-1) == batch["label"]
+    return jnp.sum(correct & batch["mask"])
 
-  def verify_step(method, variables, x, y, eps):
+  def verified_count(method, variables, batch, eps):
     logits_fn = logits_fn_of(variables)
-    lower = margin_lower_bounds(logits_fn, x, y, eps, method)
-    correct = jnp.argmax(logits_fn(x), axis=-1) == y
-    return correct & jnp.all(lower > 0, axis=-1)
+    lower = margin_lower_bounds(logits_fn, batch["image"], batch["label"], eps, method)
+    correct = jnp.argmax(logits_fn(batch["image"]), axis=-1) == batch["label"]
+    return jnp.sum(correct & jnp.all(lower > 0, axis=-1) & batch["mask"])
 
-  steps = {m: jax.jit(functools.partial(verify_step, m)) for m in methods}
-  return predict, steps
+  repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  count_clean = jax.jit(correct_count, in_shardings=(repl, sharded), out_shardings=repl)
+  steps = {m: jax.jit(functools.partial(verified_count, m),
+                      in_shardings=(repl, sharded, repl), out_shardings=repl)
+           for m in methods}
+  return count_clean, steps
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -172,9 +196,12 @@ def run_verification(config: ml_collections.ConfigDict, workdir: str) -> Verific
   num_examples = data_lib.get_info(ml_collections.ConfigDict(
       {**config.data.to_dict(), "eval_split": split})).num_eval
   indices = data_lib.select_indices(num_examples, int(config.skip), int(config.max), split)
-  x_all, y_all = data_lib.load_examples(config.data, split, indices)
-  logging.info("Verifying %s on %d %s %s images at eps %s with %s", config.model.name,
-               len(indices), info.name, split, tuple(cfg.eps_list), tuple(cfg.methods))
+  share, share_size = parallel.host_share(indices.size)
+  x_all, y_all = data_lib.load_examples(config.data, split, indices[share])
+  logging.info("Verifying %s on %d %s %s images at eps %s with %s (%d here, %d device(s) "
+               "of %d host(s))", config.model.name, len(indices), info.name, split,
+               tuple(cfg.eps_list), tuple(cfg.methods), len(x_all), jax.device_count(),
+               jax.process_count())
 
   methods = list(dict.fromkeys(cfg.methods))
   eps_list = [float(e) for e in cfg.eps_list]
@@ -190,20 +217,25 @@ def run_verification(config: ml_collections.ConfigDict, workdir: str) -> Verific
           "pass per neuron); raise it to run anyway.")})
       logging.warning("Skipping full CROWN: %s", skipped[-1]["reason"])
 
-  predict, steps = _make_steps(model, methods)
-  variables = jax.device_put(variables)
+  mesh = parallel.make_mesh()
+  batch_sizes = {"batch_size": parallel.round_up_batch(cfg.batch_size, mesh,
+                                                       "verify.batch_size")}
+  if "crown" in methods:
+    batch_sizes["crown"] = parallel.round_up_batch(cfg.crown_batch_size, mesh,
+                                                   "verify.crown_batch_size")
+  count_clean, steps = _make_steps(model, methods, mesh)
+  variables = parallel.replicate(jax.device_get(variables), mesh)
   clean_correct = 0
-  for xb, yb, mask in _batches(x_all, y_all, cfg.batch_size):
-    clean_correct += int(np.sum((np.asarray(predict(variables, xb)) == yb) & mask))
+  for batch in _global_batches(x_all, y_all, share_size, batch_sizes["batch_size"], mesh):
+    clean_correct += int(count_clean(variables, batch))
   results = []
   for method in methods:
-    batch_size = cfg.crown_batch_size if method == "crown" else cfg.batch_size
+    batch_size = batch_sizes["crown" if method == "crown" else "batch_size"]
     for eps in eps_list:
       start = time.perf_counter()
       verified = 0
-      for xb, yb, mask in _batches(x_all, y_all, batch_size):
-        ok = steps[method](variables, xb, yb, np.float32(eps))
-        verified += int(np.sum(np.asarray(ok) & mask))
+      for batch in _global_batches(x_all, y_all, share_size, batch_size, mesh):
+        verified += int(steps[method](variables, batch, np.float32(eps)))
       seconds = time.perf_counter() - start
       results.append({"eps": eps, "method": method, "num_verified": verified,
                       "verified_accuracy": verified / len(indices), "seconds": seconds})
@@ -216,13 +248,14 @@ def run_verification(config: ml_collections.ConfigDict, workdir: str) -> Verific
       "skip": int(config.skip), "max": int(config.max), "num_images": int(len(indices)),
       "clean_accuracy": clean_correct / len(indices), "eps_list": eps_list,
       "methods": list(dict.fromkeys(cfg.methods)), "results": results, "skipped": skipped,
-      "device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+      "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
+      "num_processes": jax.process_count(), "platform": platform.platform(),
       "jax_version": jax.__version__,
   }
   table = format_table(summary)
   out_dir = os.path.join(workdir, RESULTS_DIR)
   json_path, table_path = os.path.join(out_dir, RESULTS_JSON), os.path.join(out_dir, RESULTS_TABLE)
-  if jax.process_index() == 0:
+  if parallel.is_main_process():
     os.makedirs(out_dir, exist_ok=True)
     with open(json_path, "w") as f:
       json.dump(summary, f, indent=2)

@@ -19,7 +19,18 @@ groups of `config.certify.images_per_call`, and writes to
 alpha, seed, checkpoint step, split), so runs with different settings never
 overwrite each other. Image `i` of the split is certified with the key
 `fold_in(key(certify.seed), i)`, so its certificate does not depend on skip,
-max or the grouping; an interrupted run resumes where its TSV stops.
+max, the grouping or the devices; an interrupted run resumes where its TSV
+stops.
+
+Multi-host: every host certifies a contiguous share of each group
+(`parallel.host_share`), reading only those images, on all of its local
+devices (the counting needs no communication between devices); the
+predictions and radii of the group are then gathered once with
+`multihost_utils.process_allgather`, padding dropped, and process 0 appends
+them to the TSV and writes the summary and plot. Process 0 decides where a
+resumed run starts and every host returns the same `CertificationRun`.
+`certify.images_per_call` is the global group size: keep it at least the
+number of devices (ideally a multiple) so that no device idles.
 
 References:
   Cohen, Rosenfeld & Kolter, "Certified Adversarial Robustness via Randomized
@@ -135,6 +146,24 @@ def _certify_group(keys, logits_fn, x, sigma, cfg, num_classes, mesh) -> core.Ce
   return core.Certificate(*(np.asarray(field)[:count] for field in cert))
 
 
+def _certify_share(key, idx, logits_fn, sigma, cfg, config, split, num_classes, mesh):
+  """Certifies this host's share of the group `idx`; returns the whole group's
+  (labels, predictions, radii) on every host, in the order of `idx`."""
+  share, size = parallel.host_share(idx.size)
+  mine = idx[share]
+  labels = np.zeros(size, np.int32)
+  prediction = np.zeros(size, np.int32)
+  radius = np.zeros(size, np.float32)
+  if mine.size:
+    x, y = data_pipeline.load_examples(config.data, split, mine)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(mine, jnp.uint32))
+    cert = _certify_group(keys, logits_fn, x, sigma, cfg, num_classes, mesh)
+    labels[:mine.size], prediction[:mine.size] = y, cert.prediction
+    radius[:mine.size] = cert.radius
+  gathered = parallel.process_allgather((labels, prediction, radius))
+  return tuple(parallel.unpad_shares(g, idx.size) for g in gathered)
+
+
 def _write_summary(paths, name, sigma, cfg, config, summary, table, results, step) -> None:
   settings = {
       "data": config.data.name, "split": paths["split"], "model": config.model.name,
@@ -189,11 +218,15 @@ def run_certification(config: ml_collections.ConfigDict, workdir: str) -> Certif
   smoothing_config.validate(config)
   cfg = config.certify
   sigma = smoothing_config.resolve_sigma(config)
-  if jax.process_count() > 1:
-    raise NotImplementedError("launch.certify runs on a single host (all its local devices).")
 
   step = _latest_step(workdir) if cfg.step < 0 else int(cfg.step)
   model, variables, config, info = train_lib.load_trained(workdir, step=step, config=config)
+  # Certification runs on this host's devices only, so the weights are placed
+  # there once (the checkpoint may have been restored onto other devices).
+  mesh = parallel.local_mesh() if jax.local_device_count() > 1 else None
+  variables = jax.device_get(variables)
+  variables = (parallel.replicate(variables, mesh) if mesh is not None
+               else jax.device_put(variables, jax.local_devices()[0]))
   logits_fn = models_lib.make_logits_fn(model, variables)
 
   split = cfg.split or config.data.eval_split
@@ -202,50 +235,76 @@ def run_certification(config: ml_collections.ConfigDict, workdir: str) -> Certif
   indices = data_pipeline.select_indices(num_examples, int(config.skip), int(config.max), split)
 
   out_dir = cfg.output_dir or os.path.join(workdir, CERTIFY_DIR)
-  os.makedirs(out_dir, exist_ok=True)
+  main = parallel.is_main_process()
+  if main:
+    os.makedirs(out_dir, exist_ok=True)
   name = run_name(sigma, cfg, int(step), split)
   paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("tsv", "md", "json", "png")}
   paths = {"tsv": paths["tsv"], "summary": paths["md"], "json": paths["json"],
            "plot": paths["png"], "split": split}
 
-  done = _existing_prefix(paths["tsv"], indices)
+  # Process 0 owns the TSV; the other hosts start where it says.
+  done = _existing_prefix(paths["tsv"], indices) if main else 0
+  done = int(parallel.broadcast_from_main(np.int64(done)))
   if done:
     logging.info("Resuming %s: %d of %d images already certified.", paths["tsv"], done,
                  indices.size)
-  mesh = parallel.make_mesh() if jax.local_device_count() > 1 else None
   key = jax.random.key(cfg.seed)
   group = int(cfg.images_per_call)
+  if group % jax.device_count():
+    logging.info("certify.images_per_call=%d is not a multiple of the %d devices: some "
+                 "devices certify padding in each group.", group, jax.device_count())
   logging.info("Certifying %d %s images of %s (sigma=%g, n0=%d, n=%d, alpha=%g) with %s "
-               "from step %d", indices.size - done, split, info.name, sigma, cfg.n0, cfg.n,
-               cfg.alpha, config.model.name, step)
+               "from step %d on %d device(s) of %d host(s)", indices.size - done, split,
+               info.name, sigma, cfg.n0, cfg.n, cfg.alpha, config.model.name, step,
+               jax.device_count(), jax.process_count())
   start_time = time.perf_counter()
   certified = 0
   for first in range(done, indices.size, group):
     idx = indices[first:first + group]
-    x, labels = data_pipeline.load_examples(config.data, split, idx)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(idx, jnp.uint32))
     tic = time.perf_counter()
-    cert = _certify_group(keys, logits_fn, x, sigma, cfg, info.num_classes, mesh)
+    labels, prediction, radius = _certify_share(key, idx, logits_fn, sigma, cfg, config,
+                                                split, info.num_classes, mesh)
     seconds = time.perf_counter() - tic
-    rows = analysis.make_results(labels, cert.prediction, cert.radius, idx=idx,
-                                 time=seconds / idx.size)
-    _append_rows(paths["tsv"], rows, fresh=(first == 0))
+    if main:
+      rows = analysis.make_results(labels, prediction, radius, idx=idx,
+                                   time=seconds / idx.size)
+      _append_rows(paths["tsv"], rows, fresh=(first == 0))
     certified += idx.size
     elapsed = time.perf_counter() - start_time
     remaining = indices.size - first - idx.size
     logging.info("certified %d/%d images, %.2f s/image, ETA %.0f s", first + idx.size,
                  indices.size, elapsed / certified, remaining * elapsed / certified)
 
-  results = analysis.read_tsv(paths["tsv"])
+  results = _shared_results(paths["tsv"], indices.size, main)
   summary = analysis.summarize(results, thresholds=tuple(cfg.radii))
   table = analysis.format_summary({f"sigma={sigma:g}": summary})
-  _write_summary(paths, name, sigma, cfg, config, summary, table, results, int(step))
-  norm = stats.NOISE_NORMS[cfg.noise].upper()
-  analysis.plot_certified_accuracy(
-      {f"sigma={sigma:g}": results}, paths["plot"], norm=norm,
-      max_radius=max(float(np.max(cfg.radii)), float(results.radius.max(initial=0.0)), 0.1)
-      * 1.05,
-      title=f"{info.name} {config.model.name} ({config.objective.name}), n={cfg.n}")
+  if main:
+    _write_summary(paths, name, sigma, cfg, config, summary, table, results, int(step))
+    norm = stats.NOISE_NORMS[cfg.noise].upper()
+    analysis.plot_certified_accuracy(
+        {f"sigma={sigma:g}": results}, paths["plot"], norm=norm,
+        max_radius=max(float(np.max(cfg.radii)), float(results.radius.max(initial=0.0)),
+                       0.1) * 1.05,
+        title=f"{info.name} {config.model.name} ({config.objective.name}), n={cfg.n}")
   return CertificationRun(results=results, summary=summary, table=table, sigma=sigma,
                           tsv_path=paths["tsv"], summary_path=paths["summary"],
                           json_path=paths["json"], plot_path=paths["plot"])
+
+
+def _shared_results(tsv_path: str, count: int, main: bool) -> analysis.CertifyResults:
+  """The TSV's rows as read by process 0, on every host (it alone may see the file)."""
+  if main:
+    results = analysis.read_tsv(tsv_path)
+  else:
+    results = analysis.CertifyResults(
+        idx=np.zeros(count, np.int64), label=np.zeros(count, np.int64),
+        predict=np.zeros(count, np.int64), radius=np.zeros(count, np.float64),
+        correct=np.zeros(count, bool), time=np.zeros(count, np.float64))
+  if jax.process_count() == 1:
+    return results
+  rows = int(parallel.broadcast_from_main(np.int64(results.idx.size)))
+  if rows != count:  # raised on every host, so none waits in the broadcast below
+    raise ValueError(f"{tsv_path} holds {rows} rows, expected {count}; was it changed "
+                     "while certifying?")
+  return analysis.CertifyResults(*parallel.broadcast_from_main(tuple(results)))
