@@ -20,7 +20,8 @@ so every image counts exactly once and every host returns the same result;
 process 0 writes the files. Every host attacks with the same `attack.seed`,
 so deterministic attacks (FGSM, PGD without random start) give exactly the
 single-process result, and randomised ones the same distribution. Within a
-host, `robust_accuracy` runs on one device (it has no mesh argument yet).
+host, `robust_accuracy` splits every batch over the host's devices
+(`parallel.local_mesh()`).
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ def run_attacks(config: ml_collections.ConfigDict, workdir: str, *,
   indices = data_lib.select_indices(num_examples, config.skip, config.max, split)
   share, share_size = parallel.host_share(indices.size)
   x, y = data_lib.load_examples(config.data, split, indices[share])
-  # Attacks run on this host's devices: the weights are placed here once (the
-  # checkpoint may have been restored onto other hosts' devices too).
-  variables = jax.device_put(jax.device_get(variables), jax.local_devices()[0])
+  # Attacks run data-parallel on this host's devices (robust_accuracy
+  # replicates the weights there); hosts split the images between them. The
+  # weights are fetched first since the checkpoint may have been restored onto
+  # other hosts' devices too.
+  variables = jax.device_get(variables)
   logits_fn = models_lib.make_logits_fn(model, variables)
   logging.info("Attacking %d %s %s images (checkpoint step %d, %d on this host of %d) "
                "with %s at eps %s", len(indices), info.name, split, step, len(x),
@@ -101,7 +104,8 @@ def run_attacks(config: ml_collections.ConfigDict, workdir: str, *,
     # Progress lines of a multi-host run would show one host's share only.
     part = robust_accuracy(key, logits_fn, x, y, attacks=attacks, eps_list=eps_list,
                            norm=acfg.norm, batch_size=batch_size,
-                           verbose=verbose and jax.process_count() == 1)
+                           verbose=verbose and jax.process_count() == 1,
+                           mesh=parallel.local_mesh())
   if jax.process_count() == 1:
     result = part
   else:

@@ -33,6 +33,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from certjax.parallel import DATA_AXIS
 
 from certjax.types import ArrayLike, PRNGKey
 from certjax.validation import (check_choice, check_finite_scalar, check_images,
@@ -195,6 +198,13 @@ def _jit_with_model(fn: Callable[..., Any], model: Any) -> Callable[..., Any]:
   return _jit(lambda *args: fn(model, *args))
 
 
+def _data_axis_size(mesh: Mesh) -> int:
+  if DATA_AXIS not in mesh.shape:
+    raise ValueError(f"mesh must have a {DATA_AXIS!r} axis (certjax.parallel.make_mesh or "
+                     f"local_mesh); got axes {tuple(mesh.shape)}.")
+  return int(mesh.shape[DATA_AXIS])
+
+
 def _padded_batches(indices: np.ndarray, batch_size: int):
   """Yields (batch indices padded to batch_size, number of real entries)."""
   for start in range(0, len(indices), batch_size):
@@ -228,7 +238,8 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
                     attacks: Sequence[Tuple[str, AttackFn]],
                     eps_list: Sequence[float], norm: str, batch_size: int = 256,
                     rtol: float = 1e-4, atol: float = 1e-6,
-                    verbose: bool = False) -> RobustAccuracyResult:
+                    verbose: bool = False,
+                    mesh: Optional[Mesh] = None) -> RobustAccuracyResult:
   """Clean and robust accuracy under a sequence of attacks, for several radii.
 
   Args:
@@ -250,6 +261,11 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     rtol: relative tolerance of the perturbation-norm check.
     atol: absolute tolerance of the norm and box checks.
     verbose: print progress after each attack.
+    mesh: a `jax.sharding.Mesh` with a `data` axis (e.g.
+      `certjax.parallel.local_mesh()`): every batch is split over its devices
+      and the weights are replicated on them, so the attacks run data-parallel.
+      `batch_size` is rounded up to a multiple of the number of devices (the
+      extra rows are padding and never counted). None: the default device.
 
   Returns:
     A `RobustAccuracyResult`.
@@ -277,6 +293,15 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
   check_labels(y, num_classes=num_classes, batch_size=num_examples)
   y_host = np.asarray(y)
   batch_size = min(batch_size, num_examples)
+  place = lambda *arrays: arrays  # pylint: disable=unnecessary-lambda-assignment
+  if mesh is not None:
+    num_devices = _data_axis_size(mesh)
+    batch_size = -(-batch_size // num_devices) * num_devices
+    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    place = lambda *arrays: tuple(jax.device_put(a, batch_sharding) for a in arrays)  # pylint: disable=unnecessary-lambda-assignment
+    logits_fn = _as_pytree_model(logits_fn)
+    if isinstance(logits_fn, jax.tree_util.Partial):
+      logits_fn = jax.device_put(logits_fn, NamedSharding(mesh, PartitionSpec()))
 
   predict = _jit_with_model(
       lambda model, xb: jnp.argmax(as_oracle(model).logits(jax.random.key(0), xb), -1),
@@ -286,7 +311,7 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     preds = np.empty(len(indices), np.int64)
     for pos, (chunk, real) in zip(range(0, len(indices), batch_size),
                                   _padded_batches(indices, batch_size)):
-      preds[pos:pos + real] = np.asarray(predict(x_host[chunk]))[:real]
+      preds[pos:pos + real] = np.asarray(predict(*place(x_host[chunk])))[:real]
     return preds
 
   all_indices = np.arange(num_examples)
@@ -307,11 +332,11 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
         k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, e_index),
                                                   a_index), b_index)
         xb, yb = x_host[chunk], y_host[chunk]
-        x_adv = np.asarray(compiled[a_index](k, xb, yb, jnp.float32(eps)))
+        x_adv = np.asarray(compiled[a_index](k, *place(xb, yb), jnp.float32(eps)))
         sizes = check_perturbation(xb[:real], x_adv[:real], eps, norm, rtol=rtol,
                                    atol=atol, name=f"attack {name!r} at eps={eps:g}")
         largest = max(largest, float(np.max(sizes, initial=0.0)))
-        preds = np.asarray(predict(x_adv))[:real]
+        preds = np.asarray(predict(*place(x_adv)))[:real]
         fooled = preds != yb[:real]
         robust[chunk[:real][fooled]] = False
       seconds.append((name, time.perf_counter() - start))

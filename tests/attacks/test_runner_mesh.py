@@ -1,0 +1,58 @@
+"""`robust_accuracy(..., mesh=...)` splits batches over devices and matches one device."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCRIPT = textwrap.dedent("""
+  import functools
+  import jax, jax.numpy as jnp, numpy as np
+  from certjax import attacks, parallel
+  assert jax.device_count() == 4, jax.devices()
+
+  def apply(params, x):
+    return jnp.tanh(x.reshape(x.shape[0], -1) @ params["w1"]) @ params["w2"]
+
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(12, 16)), jnp.float32) * 0.5,
+            "w2": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}
+  logits_fn = jax.tree_util.Partial(apply, params)
+  x = rng.random((10, 2, 2, 3), dtype=np.float32)
+  y = np.asarray(jnp.argmax(logits_fn(x), -1))
+
+  seen = []
+  pgd = attacks.make_pgd(num_steps=3)
+  def recording_pgd(key, fn, xb, yb, eps):
+    jax.debug.inspect_array_sharding(
+        xb, callback=lambda s: seen.append(len(s.device_set)))
+    return pgd(key, fn, xb, yb, eps)
+
+  suite = [("fgsm", attacks.make_fgm()), ("pgd", recording_pgd)]
+  kwargs = dict(attacks=suite, eps_list=[0.05, 0.2], norm="linf", batch_size=6)
+  one = attacks.robust_accuracy(jax.random.key(0), logits_fn, x, y, **kwargs)
+  assert seen and set(seen) == {1}, seen
+  seen.clear()
+  four = attacks.robust_accuracy(jax.random.key(0), logits_fn, x, y,
+                                 mesh=parallel.make_mesh(), **kwargs)
+  # batch_size 6 is rounded up to 8 (2 rows per device); the padding rows
+  # must not count.
+  assert seen and set(seen) == {4}, seen
+  assert four.num_examples == 10
+  np.testing.assert_array_equal(one.correct, four.correct)
+  for a, b in zip(one.per_eps, four.per_eps):
+    np.testing.assert_array_equal(a.robust, b.robust)
+    assert a.robust_accuracy_after == b.robust_accuracy_after
+  assert 0 < one.per_eps[1].robust_accuracy < one.clean_accuracy, one.table()
+  print("OK")
+""")
+
+
+def test_robust_accuracy_on_four_devices_matches_one_device():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
