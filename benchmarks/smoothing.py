@@ -12,8 +12,12 @@ and reports their ratio (1.0 = smoothing costs nothing beyond the forward).
 Also recorded, to say where the gap goes: the noise alone (`--batch` draws of
 unit noise per call, the generator `sample_counts` uses) and the raw forward
 compiled with the compiler options `sample_counts` uses on this platform (on
-CPU it asks for 512-bit vectors), so that a gain of the counting loop can be
-told apart from a faster forward. The host's load average is recorded too:
+CPU: 512-bit vectors, and XLA's Eigen convolutions instead of YNNPACK's, which
+makes small CNNs' forward up to 2x faster), so that the overhead of smoothing
+can be told apart from a faster forward:
+`ratio_smoothing_to_forward_same_compiler_options` is that overhead measure,
+`ratio_smoothing_to_forward` compares with the forward as plain `jax.jit`
+compiles it. The host's load average is recorded too:
 on a shared machine the absolute rates move with it, the ratios much less.
 
 Timing: one warm-up call of each (compilation), then `--repeats` interleaved

@@ -33,7 +33,8 @@ Speed. Generating the noise is the only work beyond the classifier's own
 forward passes, so it is written for XLA to fuse: per-draw key derivation,
 threefry hashing, the uniform -> normal map and the add to `x_i` form one
 elementwise pass over the device batch (`_threefry2x32`, `_erfinv`), and on
-CPU the loop is compiled for 512-bit vectors (`_CPU_COMPILER_OPTIONS`).
+CPU the loop is compiled for 512-bit vectors and with XLA's Eigen
+convolutions (`_CPU_COMPILER_OPTIONS`).
 `benchmarks/smoothing.py` measures the result against the raw forward pass.
 
 Hence the counts of input `i` depend only on `(k_i, x_i, num)`: counting a whole
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Hashable, NamedTuple, Sequence
 
 import jax
@@ -453,22 +455,50 @@ def _sample_counts(keys, fn_dynamic, x, sigma, *, fn_static, num, batch_size,
 _STATIC_ARGNAMES = ("fn_static", "num", "batch_size", "num_classes", "noise", "mesh",
                     "data_axis")
 _sample_counts_jit = jax.jit(_sample_counts, static_argnames=_STATIC_ARGNAMES)
-# XLA:CPU asks LLVM for 256-bit vectors even on AVX-512 machines (the old
-# fear of frequency throttling). The noise -- 20 rounds of integer hashing, a
-# log and two polynomials per value -- is pure elementwise work that runs
-# about 2x faster with 512-bit vectors (measured: 786k Gaussian values from
-# bits in 1.3 ms instead of 3.3 ms; threefry hashing 1.1 ms instead of 1.6 ms),
-# while the convolutions and matrix products are library calls that choose
-# their own instructions. LLVM clamps the width to what the CPU has, so the
-# option is harmless elsewhere; it is only passed to CPU compilations.
-_CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+# XLA:CPU options for the counting loop, both measured on a 2-core AVX-512
+# Xeon (jaxlib 0.10.2; benchmarks/smoothing.py, benchmarks/smoothing_peers.py):
+#  * 512-bit vectors. XLA:CPU asks LLVM for 256-bit vectors even where AVX-512
+#    exists. The noise (20 rounds of integer hashing, a log and a polynomial
+#    per value) is pure elementwise work and runs about 2x faster with 512-bit
+#    vectors (786k Gaussian values from bits in 1.3 ms instead of 3.3 ms;
+#    threefry hashing 1.1 ms instead of 1.6 ms). LLVM clamps the width to what
+#    the CPU has, so the option is harmless elsewhere.
+#  * Convolutions and dots through XLA's Eigen kernels instead of YNNPACK
+#    (an empty `xla_cpu_experimental_ynn_fusion_type`). YNNPACK's convolutions
+#    were 1.5-2.3x slower than Eigen's on the small CNNs certified here
+#    (forward images/s at batch 256: cnn 11.8k -> 27.2k, ibp_small 13.0k ->
+#    19.8k), matching elsewhere (mlp 85.7k vs 86.3k, resnet20 702 vs 738).
+#    Logits change by float rounding only (~1e-6).
+# Both only make the loop faster; counts are the same for the same logits.
+# The options are experimental XLA flags: if this jaxlib rejects them, the
+# loop is compiled without them (see `_cpu_options_accepted`).
+_CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512,
+                         "xla_cpu_experimental_ynn_fusion_type": ""}
 _sample_counts_jit_cpu = jax.jit(_sample_counts, static_argnames=_STATIC_ARGNAMES,
                                  compiler_options=_CPU_COMPILER_OPTIONS)
 
 
+@functools.cache
+def _cpu_options_accepted() -> bool:
+  """Whether this jaxlib compiles with `_CPU_COMPILER_OPTIONS` (checked once)."""
+  try:
+    probe = jax.jit(lambda v: v + 1, compiler_options=_CPU_COMPILER_OPTIONS)
+    probe.lower(np.float32(0)).compile()
+    return True
+  except Exception as error:  # pylint: disable=broad-except
+    warnings.warn(
+        f"certjax.smoothing: XLA:CPU rejected the counting loop's compiler options "
+        f"{_CPU_COMPILER_OPTIONS} ({str(error).splitlines()[0][:200]}); compiling without "
+        "them (correct, possibly slower).", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def _compiler_options(platform: str) -> dict | None:
   """The compiler options of the counting loop on a platform ('cpu', 'gpu', ...)."""
-  return dict(_CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+  if platform == "cpu" and _cpu_options_accepted():
+    return dict(_CPU_COMPILER_OPTIONS)
+  return None
 
 
 def _counter_for(x: Any, mesh: Mesh | None):
@@ -482,7 +512,7 @@ def _counter_for(x: Any, mesh: Mesh | None):
     platform = next(iter(x.devices())).platform
   else:
     platform = jax.default_backend()
-  return _sample_counts_jit_cpu if platform == "cpu" else _sample_counts_jit
+  return _sample_counts_jit_cpu if _compiler_options(platform) else _sample_counts_jit
 
 
 def _data_axis_size(mesh: Mesh, data_axis: Any) -> int:

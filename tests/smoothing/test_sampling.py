@@ -114,6 +114,20 @@ def test_jit_vmap_and_new_weights_do_not_recompile(weights, logits_fn, images, r
   assert scaled.shape == reference_counts.shape
 
 
+def test_cpu_compiler_options_fall_back_when_rejected(monkeypatch):
+  assert sampling._compiler_options("cpu") == sampling._CPU_COMPILER_OPTIONS
+  assert sampling._compiler_options("gpu") is None
+  monkeypatch.setattr(sampling, "_CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": 1})
+  sampling._cpu_options_accepted.cache_clear()
+  try:
+    with pytest.warns(RuntimeWarning, match="compiling without"):
+      assert sampling._compiler_options("cpu") is None
+    assert sampling._counter_for(np.zeros((1, 2, 2, 1), np.float32), None) is (
+        sampling._sample_counts_jit)
+  finally:
+    sampling._cpu_options_accepted.cache_clear()
+
+
 def test_sharded_over_one_device_mesh(logits_fn, images, reference_counts):
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
