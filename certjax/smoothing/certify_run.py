@@ -48,6 +48,7 @@ from certjax.data import sources as data_sources
 from certjax.smoothing import analysis
 from certjax.smoothing import config as smoothing_config
 from certjax.smoothing import core
+from certjax.smoothing import sampling
 from certjax.smoothing import stats
 from certjax.training import checkpoints as ckpt_lib
 from certjax.training import config as config_lib
@@ -223,7 +224,9 @@ def run_certification(config: ml_collections.ConfigDict, workdir: str) -> Certif
   for first in range(done, indices.size, group):
     idx = indices[first:first + group]
     x, labels = data_pipeline.load_examples(config.data, split, idx)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(idx, jnp.uint32))
+    # fold_in(key, dataset index) for each image (jitted, and correct for key
+    # implementations whose fold_in does not batch; see sampling.input_keys).
+    keys = sampling._fold_in_each(key, jnp.asarray(idx, jnp.uint32))
     tic = time.perf_counter()
     cert = _certify_group(keys, logits_fn, x, sigma, cfg, info.num_classes, mesh)
     seconds = time.perf_counter() - tic
