@@ -9,6 +9,17 @@ Measures, in one process and on one device:
     count accumulation included, host validation included);
 and reports their ratio (1.0 = smoothing costs nothing beyond the forward).
 
+Also recorded, to say where the gap goes: the noise alone (`--batch` draws of
+unit noise per call, the generator `sample_counts` uses) and the raw forward
+compiled with the compiler options `sample_counts` uses on this platform (on
+CPU: 512-bit vectors, and XLA's Eigen convolutions instead of YNNPACK's, which
+makes small CNNs' forward up to 2x faster), so that the overhead of smoothing
+can be told apart from a faster forward:
+`ratio_smoothing_to_forward_same_compiler_options` is that overhead measure,
+`ratio_smoothing_to_forward` compares with the forward as plain `jax.jit`
+compiles it. The host's load average is recorded too:
+on a shared machine the absolute rates move with it, the ratios much less.
+
 Timing: one warm-up call of each (compilation), then `--repeats` interleaved
 timings of each, ended with `block_until_ready`; medians are reported. The
 forward timing dispatches as many batches as sample_counts has chunks, so both
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import resource
 import statistics
@@ -42,6 +54,7 @@ import jaxlib
 
 from benchmarks import common
 from certjax import smoothing
+from certjax.smoothing import sampling
 
 
 class MLP(nn.Module):
@@ -142,18 +155,31 @@ def main(argv=None) -> dict:
   chunks = -(-draws // args.batch)
   evaluated = chunks * args.batch
 
+  load_at_start = os.getloadavg()
   forward_batch = jax.random.uniform(jax.random.key(1), (args.batch,) + input_shape)
   forward = _forward_batches(jax.jit(logits_fn), forward_batch, chunks)
   inputs = jax.random.uniform(jax.random.key(2), (args.inputs,) + input_shape)
   count = functools.partial(smoothing.sample_counts, jax.random.key(3), logits_fn, inputs,
                             args.sigma, args.num, args.batch, noise=args.noise)
-  _timed(forward)  # warm-up: compilation and first transfers
-  _timed(count)
-  # Interleaved so that load from other processes hits both alike.
-  forward_times, count_times = [], []
+  # The compiler options sample_counts uses for inputs on this device.
+  options = sampling._compiler_options(jax.devices()[0].platform)
+  forward_same_options = _forward_batches(jax.jit(logits_fn, compiler_options=options),
+                                          forward_batch, chunks)
+  noise_keys = jax.random.key_data(jax.random.split(jax.random.key(4), args.batch))
+  noise_draws = jax.numpy.arange(args.batch, dtype=jax.numpy.uint32)
+  make_noise = jax.jit(functools.partial(sampling._draw_noise_threefry, shape=input_shape,
+                                         noise=args.noise), compiler_options=options)
+  noise_only = _forward_batches(lambda k: make_noise(k, noise_draws), noise_keys, chunks)
+  timed_calls = {"forward": forward, "count": count,
+                 "forward_same_options": forward_same_options, "noise": noise_only}
+  for call in timed_calls.values():
+    _timed(call)  # warm-up: compilation and first transfers
+  # Interleaved so that load from other processes hits all alike.
+  times = {name: [] for name in timed_calls}
   for _ in range(args.repeats):
-    forward_times.append(_timed(forward))
-    count_times.append(_timed(count))
+    for name, call in timed_calls.items():
+      times[name].append(_timed(call))
+  forward_times, count_times = times["forward"], times["count"]
   forward_s = statistics.median(forward_times) / chunks
   forward_rate = args.batch / forward_s
   counts_s = statistics.median(count_times)
@@ -187,6 +213,19 @@ def main(argv=None) -> dict:
       "ratio_smoothing_to_forward": smoothing_rate / forward_rate,
       "ratio_median_of_repeats": statistics.median(per_repeat_ratios),
       "sample_counts_minor_page_faults_per_draw": faults_per_draw,
+      "sample_counts_compiler_options": options,
+      "forward_same_compiler_options_images_per_second": (
+          args.batch * chunks / statistics.median(times["forward_same_options"])),
+      "ratio_smoothing_to_forward_same_compiler_options": statistics.median(
+          [(draws / c) / (chunks * args.batch / f)
+           for f, c in zip(times["forward_same_options"], count_times)]),
+      # Unit noise alone (threefry bits -> Gaussian/uniform), batch draws a call.
+      "noise_draws_per_second": args.batch * chunks / statistics.median(times["noise"]),
+      "noise_seconds_per_batch": statistics.median(times["noise"]) / chunks,
+      "noise_to_forward_time": statistics.median(
+          [n / f for n, f in zip(times["noise"], forward_times)]),
+      "load_average_at_start": list(load_at_start),
+      "load_average_at_end": list(os.getloadavg()),
   }
   print(json.dumps(result, indent=2))
   if args.out:

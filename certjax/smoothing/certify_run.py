@@ -59,6 +59,7 @@ from certjax.data import sources as data_sources
 from certjax.smoothing import analysis
 from certjax.smoothing import config as smoothing_config
 from certjax.smoothing import core
+from certjax.smoothing import sampling
 from certjax.smoothing import stats
 from certjax.training import checkpoints as ckpt_lib
 from certjax.training import config as config_lib
@@ -156,7 +157,9 @@ def _certify_share(key, idx, logits_fn, sigma, cfg, config, split, num_classes, 
   radius = np.zeros(size, np.float32)
   if mine.size:
     x, y = data_pipeline.load_examples(config.data, split, mine)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(mine, jnp.uint32))
+    # fold_in(key, dataset index) for each image (jitted, and correct for key
+    # implementations whose fold_in does not batch; see sampling.input_keys).
+    keys = sampling._fold_in_each(key, jnp.asarray(mine, jnp.uint32))
     cert = _certify_group(keys, logits_fn, x, sigma, cfg, num_classes, mesh)
     labels[:mine.size], prediction[:mine.size] = y, cert.prediction
     radius[:mine.size] = cert.radius

@@ -8,10 +8,12 @@ import sys
 import textwrap
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from scipy import special
 from scipy import stats as scipy_stats
 
 from certjax import smoothing
@@ -100,12 +102,30 @@ def test_jit_vmap_and_new_weights_do_not_recompile(weights, logits_fn, images, r
   keys = jnp.stack([jax.random.key(0), jax.random.key(5)])
   mapped = jax.vmap(lambda k: smoothing.sample_counts(k, logits_fn, images, SIGMA, NUM, 16))(keys)
   np.testing.assert_array_equal(mapped[0], reference_counts)
-  before = sampling._sample_counts_jit._cache_size()
+  # On CPU the loop is compiled with its CPU options (512-bit vectors).
+  counter = sampling._counter_for(images, None)
+  assert counter is sampling._sample_counts_jit_cpu
+  before = counter._cache_size()
+  assert before >= 1
   # New weights in a new partial reuse the compiled loop: arrays are arguments.
   fresh = functools.partial(linear_logits, weights * 2.0)
   scaled = smoothing.sample_counts(jax.random.key(0), fresh, images, SIGMA, NUM, 16)
-  assert sampling._sample_counts_jit._cache_size() == before
+  assert counter._cache_size() == before
   assert scaled.shape == reference_counts.shape
+
+
+def test_cpu_compiler_options_fall_back_when_rejected(monkeypatch):
+  assert sampling._compiler_options("cpu") == sampling._CPU_COMPILER_OPTIONS
+  assert sampling._compiler_options("gpu") is None
+  monkeypatch.setattr(sampling, "_CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": 1})
+  sampling._cpu_options_accepted.cache_clear()
+  try:
+    with pytest.warns(RuntimeWarning, match="compiling without"):
+      assert sampling._compiler_options("cpu") is None
+    assert sampling._counter_for(np.zeros((1, 2, 2, 1), np.float32), None) is (
+        sampling._sample_counts_jit)
+  finally:
+    sampling._cpu_options_accepted.cache_clear()
 
 
 def test_sharded_over_one_device_mesh(logits_fn, images, reference_counts):
@@ -120,6 +140,80 @@ def test_sharded_over_one_device_mesh(logits_fn, images, reference_counts):
   with pytest.raises(ValueError, match="data_axis 'batch'"):
     smoothing.sample_counts(jax.random.key(0), logits_fn, images, SIGMA, NUM, 16, mesh=mesh,
                             data_axis="batch")
+
+
+def test_threefry_noise_is_jax_randoms_stream():
+  # The unrolled hash is JAX's threefry2x32 bit for bit.
+  words = jax.random.bits(jax.random.key(7), (4, 300), jnp.uint32)
+  ours = jax.jit(sampling._threefry2x32)(words[0, 0], words[1, 0], words[2], words[3])
+  # Counts of even size are hashed in pairs (count[c], count[c + size / 2]).
+  theirs = jax.extend.random.threefry_2x32(words[:2, 0], words[2:].reshape(-1))
+  np.testing.assert_array_equal(np.concatenate(ours), theirs)
+  # The draw for fold_in(k, j) is jax.random's classic-layout draw: exactly
+  # for uniform noise, up to erfinv's rounding (XLA's own is off by up to
+  # 2e-5 in the tails) for Gaussian noise. An odd size pads the last pair.
+  keys = jax.random.split(jax.random.key(8), 5)
+  draws = jnp.array([0, 1, 2, 40, 2**31 + 5], jnp.uint32)
+  cases = [((4, 4, 1), "uniform"), ((3, 3, 1), "gaussian")]
+
+  @jax.jit
+  def ours(words, draws):
+    return [sampling._draw_noise_threefry(words, draws, *case) for case in cases]
+
+  @jax.jit
+  def theirs(keys, draws):
+    with jax.threefry_partitionable(False):
+      folded = jax.vmap(jax.random.fold_in)(keys, draws)
+      return [jax.vmap(lambda k, s=shape: jax.random.normal(k, s))(folded)
+              if noise == "gaussian" else
+              jax.vmap(lambda k, s=shape: jax.random.uniform(k, s, minval=-1.0, maxval=1.0))(
+                  folded) * math.sqrt(3.0)
+              for shape, noise in cases]
+
+  for case, mine, reference in zip(cases, ours(jax.random.key_data(keys), draws),
+                                   theirs(keys, draws)):
+    if case[1] == "gaussian":
+      np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-4, err_msg=str(case))
+    else:
+      np.testing.assert_array_equal(mine, reference, err_msg=str(case))
+  # sample_noise is the loop's draw (sigma 1), bit for bit.
+  np.testing.assert_array_equal(
+      smoothing.sample_noise(jax.random.fold_in(keys[3], draws[3]), (3, 3, 1), 1.0),
+      ours(jax.random.key_data(keys), draws)[1][3])
+
+
+def test_gaussian_transform_accuracy_and_distribution():
+  # Every float32 uniform the generator can produce near the ends, and a sweep.
+  low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+  ends = np.array([low, low + 2**-23, -0.99, -0.5, 0.0, 0.3, 0.9966, 0.999,
+                   1 - 3 * 2**-24, 1 - 2**-22], np.float32)
+  u = np.concatenate([ends, np.linspace(-0.999999, 0.999999, 4001, dtype=np.float32)])
+  ours = np.asarray(jax.jit(sampling._erfinv)(u), np.float64)
+  exact = special.erfinv(u.astype(np.float64))
+  assert np.max(np.abs(ours - exact) / np.maximum(1.0, np.abs(exact))) < 2e-6
+  # The noise is standard normal: a Kolmogorov-Smirnov test on 200k values.
+  values = np.asarray(smoothing.sample_noise(jax.random.key(9), (200_000,), 1.0)).ravel()
+  assert scipy_stats.kstest(values, "norm").pvalue > 1e-3
+  assert abs(values.mean()) < 0.01 and abs(values.std() - 1.0) < 0.01
+
+
+def test_other_key_implementations_do_not_depend_on_batching(logits_fn, images):
+  # rbg's bit generator gives a batch's values from its first key, so the
+  # noise is keyed through threefry words hashed from the key data instead.
+  key = jax.random.key(0, impl="rbg")
+  counts = smoothing.sample_counts(key, logits_fn, images, SIGMA, NUM, 16)
+  np.testing.assert_array_equal(counts.sum(axis=1), NUM)
+  np.testing.assert_array_equal(
+      smoothing.sample_counts(key, logits_fn, images, SIGMA, NUM, 7), counts)
+  keys = smoothing.input_keys(key, NUM_INPUTS)
+  alone = smoothing.sample_counts(keys[4:5], logits_fn, images[4:5], SIGMA, NUM, 16)
+  np.testing.assert_array_equal(alone, counts[4:5])
+  # unsafe_rbg's fold_in does not batch: input_keys still gives key i = fold_in(key, i).
+  unsafe = jax.random.key(3, impl="unsafe_rbg")
+  split = smoothing.input_keys(unsafe, 3, start=2)
+  for i in range(3):
+    np.testing.assert_array_equal(jax.random.key_data(split[i]),
+                                  jax.random.key_data(jax.random.fold_in(unsafe, 2 + i)))
 
 
 def _threshold_logits(x, threshold):
