@@ -6,7 +6,9 @@ For each model, in one run, on the same batch and device:
     gradient attack has to pay;
   * pgd10: images/s of certjax.attacks.pgd (L-inf, 10 steps, random start);
   * apgd10: images/s of certjax.attacks.apgd (10 steps; it also evaluates
-    the random start and the clean point, so its ideal ratio is about 10/12);
+    the random start (forward and backward) and the clean point and the last
+    iterate (forward only), so its ideal ratio is about 10/11.3, 0.88, with a
+    backward pass costing two forward passes);
   * ratio = attack images/s / fwd_bwd_x10 images/s (1.0 = no overhead).
 Timings alternate between the functions over `--repeats` rounds so that load
 from other processes hits them alike; the report gives images/s and ratios
@@ -17,7 +19,35 @@ Models (flax, defined here): an MLP 784-256-256-10 on 28x28x1 inputs and a
 small CNN (two 3x3 stride-2 convolutions, 32 and 64 channels, dense 128, 10)
 on 32x32x3 inputs, both with random weights; labels are the clean
 predictions, so clean accuracy is 100% and robust accuracy is comparable
-across implementations.
+across implementations. `cnn_im2col` is the same CNN with the same weights
+and batch, its convolutions written as one matrix product over the 9 strided
+slices of the padded input (im2col) instead of flax's nn.Conv. XLA:CPU
+(jaxlib 0.10.2) runs these small convolutions through its Eigen convolution
+at about half the speed of the matrix product (which it hands to YNNPACK),
+on one core and on two; no XLA_FLAGS setting changed that: with
+--xla_cpu_use_onednn, --xla_cpu_experimental_onednn_custom_call,
+--xla_cpu_use_xnnpack, --xla_cpu_experimental_xnn_graph_fusion_mode=
+XNN_GRAPH_FUSION_MODE_GREEDY, --xla_cpu_experimental_{xnn,onednn}_fusion_type,
+--xla_cpu_enable_fast_math or --xla_cpu_multi_thread_eigen=false the
+compiled program still holds plain `convolution` ops and the forward+backward
+rate stays within noise; an NCHW layout is 5x slower and
+lax.conv_general_dilated_patches (itself a convolution) gains nothing. The
+headline comparison with the peers is the nn.Conv `cnn`; `cnn_im2col`
+(JSON key "certjax_variants"; its peer ratios are the "_im2col" keys of
+peers.cnn) shows what a CPU-minded model implementation gains
+(`--no-im2col` leaves it out).
+
+Threads: XLA:CPU runs on one intra-op pool of as many threads as the
+process may use (2 on the reference machine) and PyTorch defaults to the same
+number (torch.get_num_threads(), OpenMP); the JSON records the CPU count and
+affinity, the thread settings of both sides and, per timed function, the
+CPU seconds per wall second (how many cores it kept busy on average). On a
+CPU shared with other jobs PyTorch's OpenMP threads spin-wait for each
+other and its throughput collapses (several times below its single-thread
+rate here), which flatters certjax: for a like-for-like comparison under load, also run
+the whole benchmark on one core, where both sides use one thread:
+
+    taskset -c 0 python -m benchmarks.attacks --peers --out=results/attacks_1core.json
 
 Peers (`--peers`): the same architectures in PyTorch with the flax weights
 copied over (checked on the clean logits), the same batch, torchattacks.PGD
@@ -42,7 +72,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Sequence
 
 import numpy as np
 
@@ -51,12 +81,24 @@ from benchmarks import common
 EPS = 8 / 255
 STEP = 2 / 255  # = 2.5 * eps / 10, certjax's default for 10 steps
 NUM_STEPS = 10
-MODELS = {"mlp": (28, 28, 1), "cnn": (32, 32, 3)}
+MODELS = {"mlp": (28, 28, 1), "cnn": (32, 32, 3), "cnn_im2col": (32, 32, 3)}
+# Models that reuse another model's weights and batch (and its PyTorch peer).
+SAME_WEIGHTS_AS = {"cnn_im2col": "cnn"}
 SUFFIXES = ("", "_best", "_cpu_time")
 
 
+def _thread_settings() -> Dict[str, Any]:
+  """CPU count, affinity and the environment variables that set thread pools."""
+  try:
+    affinity = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    affinity = os.cpu_count()
+  env = {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+  return {"cpu_count": os.cpu_count(), "cpus_in_affinity": affinity, "env": env}
+
+
 def _environment(device: str) -> Dict[str, Any]:
-  return {"device": device, **common.host()}
+  return {"device": device, **common.host(), "threads": _thread_settings()}
 
 
 def _interleaved_seconds(fns: Dict[str, Callable[[], Any]], sync: Callable[[Any], Any],
@@ -80,7 +122,9 @@ def _interleaved_seconds(fns: Dict[str, Callable[[], Any]], sync: Callable[[Any]
       wall[name].append(time.perf_counter() - start)
       cpu[name].append(time.process_time() - start_cpu)
   return {name: {"median": statistics.median(wall[name]), "min": min(wall[name]),
-                 "cpu": statistics.median(cpu[name])} for name in fns}
+                 "cpu": statistics.median(cpu[name]),
+                 "cpu_per_wall": sum(cpu[name]) / max(sum(wall[name]), 1e-9)}
+          for name in fns}
 
 
 def _rates(seconds: Dict[str, Dict[str, float]], batch_size: int,
@@ -92,6 +136,8 @@ def _rates(seconds: Dict[str, Dict[str, float]], batch_size: int,
     out["images_per_s" + suffix] = ips
     out["ratio_to_fwd_bwd_x10" + suffix] = {k: v / ips[baseline] for k, v in ips.items()
                                             if k != baseline}
+  # CPU seconds per wall second while each function ran: the cores it used.
+  out["cpu_seconds_per_wall_second"] = {k: v["cpu_per_wall"] for k, v in seconds.items()}
   return out
 
 
@@ -101,6 +147,7 @@ def _rates(seconds: Dict[str, Dict[str, float]], batch_size: int,
 
 def _flax_models():
   import flax.linen as nn
+  import jax.numpy as jnp
 
   class MLP(nn.Module):
     @nn.compact
@@ -122,24 +169,74 @@ def _flax_models():
       x = nn.relu(nn.Dense(128, name="fc1")(x))
       return nn.Dense(10, name="fc2")(x)
 
-  return {"mlp": MLP(), "cnn": SmallCNN()}
+  class Im2colConv(nn.Module):
+    """nn.Conv's parameters and result, computed as one matrix product.
+
+    The k x k strided slices of the padded input are stacked on the channel
+    axis (im2col) and multiplied by the kernel reshaped to (k*k*C_in, C_out):
+    XLA:CPU runs this as a matrix product, about twice as fast as its
+    convolution for these small strided layers (see the module docstring).
+    """
+    features: int
+    kernel_size: int = 3
+    stride: int = 2
+    pad: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+      k, s = self.kernel_size, self.stride
+      kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                          (k, k, x.shape[-1], self.features))
+      bias = self.param("bias", nn.initializers.zeros, (self.features,))
+      x = jnp.pad(x, ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0)))
+      out_h, out_w = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
+      # (i, j, c) order along the channel axis = HWIO kernel rows.
+      patches = jnp.concatenate(
+          [x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :]
+           for i in range(k) for j in range(k)], axis=-1)
+      return patches @ kernel.reshape(-1, self.features) + bias
+
+  class SmallCNNIm2col(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(Im2colConv(32, name="conv1")(x))
+      x = nn.relu(Im2colConv(64, name="conv2")(x))
+      x = x.reshape(x.shape[0], -1)
+      x = nn.relu(nn.Dense(128, name="fc1")(x))
+      return nn.Dense(10, name="fc2")(x)
+
+  return {"mlp": MLP(), "cnn": SmallCNN(), "cnn_im2col": SmallCNNIm2col()}
 
 
-def run_certjax(batch_size: int, warmup: int, repeats: int) -> Dict[str, Any]:
+def run_certjax(batch_size: int, warmup: int, repeats: int,
+                models: Sequence[str] = tuple(MODELS)) -> Dict[str, Any]:
   import jax
   import jax.numpy as jnp
   from jax import lax
 
   from certjax import attacks
 
-  results, arrays = {}, {}
+  results, arrays, state = {}, {}, {}
   for name, module in _flax_models().items():
+    if name not in models:
+      continue
     shape = MODELS[name]
-    x = np.random.default_rng(0).uniform(size=(batch_size, *shape)).astype(np.float32)
-    variables = module.init(jax.random.key(0), x[:1])
-    logits_fn = jax.tree_util.Partial(module.apply, variables)
-    clean_logits = np.asarray(jax.jit(logits_fn)(x))
-    y = clean_logits.argmax(-1).astype(np.int32)
+    extra = {}
+    if name in SAME_WEIGHTS_AS:
+      base = SAME_WEIGHTS_AS[name]
+      if base not in state:
+        raise ValueError(f"model {name!r} reuses the weights of {base!r}: run both.")
+      variables, x, y, base_logits = state[base]
+      logits_fn = jax.tree_util.Partial(module.apply, variables)
+      clean_logits = np.asarray(jax.jit(logits_fn)(x))
+      extra[f"max_abs_logit_diff_vs_{base}"] = float(np.abs(clean_logits - base_logits).max())
+    else:
+      x = np.random.default_rng(0).uniform(size=(batch_size, *shape)).astype(np.float32)
+      variables = module.init(jax.random.key(0), x[:1])
+      logits_fn = jax.tree_util.Partial(module.apply, variables)
+      clean_logits = np.asarray(jax.jit(logits_fn)(x))
+      y = clean_logits.argmax(-1).astype(np.int32)
+      state[name] = (variables, x, y, clean_logits)
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
 
     @jax.jit
@@ -166,7 +263,7 @@ def run_certjax(batch_size: int, warmup: int, repeats: int) -> Dict[str, Any]:
     robust = {k: float(np.mean(np.asarray(predict(logits_fn, f(logits_fn, key, x_dev, y_dev)))
                                == y)) for k, f in (("pgd10", pgd10), ("apgd10", apgd10))}
     results[name] = {"input_shape": list(shape), **_rates(seconds, batch_size),
-                     "robust_accuracy": robust}
+                     "robust_accuracy": robust, **extra}
     r = results[name]
     print(f"[certjax] {name}: fwd+bwd x10 {r['images_per_s']['fwd_bwd_x10']:.0f} img/s, "
           f"PGD-10 {r['images_per_s']['pgd10']:.0f} img/s, APGD-10 "
@@ -177,6 +274,8 @@ def run_certjax(batch_size: int, warmup: int, repeats: int) -> Dict[str, Any]:
           + " / ".join(f"{r['ratio_to_fwd_bwd_x10' + s]['apgd10']:.3f}" for s in SUFFIXES)
           + f"; robust accuracy PGD "
           f"{robust['pgd10']:.3f}, APGD {robust['apgd10']:.3f}", flush=True)
+    if name in SAME_WEIGHTS_AS:
+      continue
     arrays[f"{name}/x"], arrays[f"{name}/y"] = x, y
     arrays[f"{name}/clean_logits"] = clean_logits
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
@@ -244,7 +343,11 @@ def run_peers(arrays: Dict[str, np.ndarray], warmup: int, repeats: int,
 
   sync = (lambda out: torch.cuda.synchronize()) if device == "cuda" else (lambda out: out)
   results = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-             or "cpu", "torch_threads": torch.get_num_threads()}
+             or "cpu", "torch_threads": torch.get_num_threads(),
+             "torch_interop_threads": torch.get_num_interop_threads(),
+             "torch_mkldnn": bool(torch.backends.mkldnn.is_available()),
+             "torch_parallel_info": torch.__config__.parallel_info().splitlines()[:6],
+             "threads": _thread_settings()}
   for name, model in _torch_models(arrays).items():
     model = model.to(device)
     x_np = arrays[f"{name}/x"].transpose(0, 3, 1, 2).copy()  # NHWC -> NCHW
@@ -313,6 +416,8 @@ def main():
   parser.add_argument("--peers-only", action="store_true",
                       help="run only the PyTorch peers from --weights (no JAX needed)")
   parser.add_argument("--weights", default=None, help=".npz written by --save-weights")
+  parser.add_argument("--no-im2col", action="store_true",
+                      help="leave out cnn_im2col (the CNN with im2col convolutions)")
   parser.add_argument("--torch-threads", type=int, default=0,
                       help="torch.set_num_threads for the peers (0: torch's default). On an "
                            "oversubscribed CPU, 1 avoids OpenMP spin-waiting.")
@@ -331,10 +436,16 @@ def main():
     report["environment"] = _environment("see peers.device")
     report["peers"] = run_peers(arrays, args.warmup, args.repeats, args.torch_threads)
   else:
-    certjax_results = run_certjax(args.batch_size, args.warmup, args.repeats)
+    models = [m for m in MODELS if not (args.no_im2col and m == "cnn_im2col")]
+    certjax_results = run_certjax(args.batch_size, args.warmup, args.repeats, models)
     arrays = certjax_results.pop("arrays")
     report["environment"] = _environment(certjax_results["device"])
-    report["certjax"] = certjax_results["results"]
+    # Variants with another model's weights go under their own key, so that
+    # "certjax" keeps one entry per PyTorch peer model.
+    report["certjax"] = {k: v for k, v in certjax_results["results"].items()
+                         if k not in SAME_WEIGHTS_AS}
+    report["certjax_variants"] = {k: v for k, v in certjax_results["results"].items()
+                                  if k in SAME_WEIGHTS_AS}
     if args.save_weights:
       np.savez(args.save_weights, **arrays)
       print(f"saved weights and batches to {args.save_weights}")
@@ -344,13 +455,23 @@ def main():
       for name, entry in peers.items():
         if not isinstance(entry, dict) or "images_per_s" not in entry:
           continue
-        for stat in ("images_per_s", "images_per_s_best", "images_per_s_cpu_time"):
-          ours = report["certjax"][name][stat]["pgd10"]
-          entry["certjax_pgd10_speedup" + stat[len("images_per_s"):]] = {
-              k: ours / v for k, v in entry[stat].items() if k != "fwd_bwd_x10"}
-        print(f"[compare] {name}: certjax PGD-10 speed-up (median) "
-              + ", ".join(f"{k} x{v:.2f}" for k, v in entry["certjax_pgd10_speedup"].items()),
-              flush=True)
+        # The same weights run by other certjax implementations (cnn_im2col).
+        variants = [("", report["certjax"][name])] + [
+            ("_" + m.split("_", 1)[1], result)
+            for m, result in report["certjax_variants"].items() if SAME_WEIGHTS_AS[m] == name]
+        for tag, ours_result in variants:
+          for stat in ("images_per_s", "images_per_s_best", "images_per_s_cpu_time"):
+            suffix = stat[len("images_per_s"):]
+            ours = ours_result[stat]
+            entry["certjax_pgd10_speedup" + tag + suffix] = {
+                k: ours["pgd10"] / v for k, v in entry[stat].items() if k != "fwd_bwd_x10"}
+            entry["certjax_fwd_bwd_x10_speedup" + tag + suffix] = (
+                ours["fwd_bwd_x10"] / entry[stat]["fwd_bwd_x10"])
+          print(f"[compare] {name}: certjax{tag} PGD-10 speed-up (median) "
+                + ", ".join(f"{k} x{v:.2f}" for k, v in
+                            entry["certjax_pgd10_speedup" + tag].items())
+                + f"; fwd+bwd x10 jax/torch x{entry['certjax_fwd_bwd_x10_speedup' + tag]:.2f}",
+                flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2, sort_keys=True)

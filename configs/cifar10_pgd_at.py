@@ -20,8 +20,9 @@ Commands:
     python -m launch.attack --config=configs/cifar10_pgd_at.py --workdir=/tmp/certjax/c10_at \
         --config.data.data_dir=$HOME/tensorflow_datasets
 
-Expected result: not measured here (about a day of GPU time for PGD-AT on one
-older GPU, a few hours on a modern one; impossible on 2 CPU cores). Literature
+Expected result: not measured here (no CIFAR-10 training set on the
+reference machine; about a day of GPU time for PGD-AT on one older GPU, a
+few hours on a modern one; impossible on 2 CPU cores). Literature
 for PreAct ResNet-18: Rice et al. report about 82-85% clean and, under PGD-20
 at 8/255, about 52% robust accuracy at the best checkpoint and about 45-47%
 at the end of training (robust overfitting); Wong et al. report 83.8% clean

@@ -88,9 +88,8 @@ def checkpoints(num_steps: int, norm: str = "linf") -> Tuple[np.ndarray, np.ndar
 
 
 class _RunState(NamedTuple):
-  x_adv: Array
-  x_prev: Array
-  grad: Array
+  x_eval: Array          # the next iterate, proposed but not yet evaluated
+  x_base: Array          # the iterate x_eval was proposed from (after restarts)
   loss_prev: Array
   x_best: Array
   grad_best: Array
@@ -115,6 +114,19 @@ def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
              rho: ArrayLike) -> Tuple[Array, Array, Array]:
   """One APGD run from a random start; no validation.
 
+  Cost: one `oracle.value_and_grad` call per iterate (the random start and
+  the N steps), whose loss and logits also serve the best-point tracking and
+  the success test. The gradient at the last iterate is never used, so the
+  last evaluation sits outside the loop where XLA drops its backward pass (for
+  a deterministic oracle): N + 1 forward and N backward passes in all.
+
+  The loop carries the iterate to evaluate next rather than the current one:
+  each iteration evaluates it, updates the best points, applies the
+  checkpoint rule and proposes the next iterate from the (possibly restarted)
+  current one. The restart selects then fuse into the step and the gradient
+  leaves the loop state, one image-sized buffer (and its copy) fewer per
+  iteration. Same arithmetic as the straightforward loop, in the same order.
+
   Args:
     oracle: gradient oracle.
     key: a `jax.random.key`.
@@ -137,37 +149,45 @@ def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
   max_step = jnp.broadcast_to(alpha * jnp.asarray(eps, x.dtype), (batch,))
   k_init, k_steps = jax.random.split(key)
 
+  def propose(i, x_adv, x_prev, grad, step, topk) -> Array:
+    """Iterate i + 1 from iterate i (x_adv), i - 1 (x_prev) and the gradient at x_adv."""
+    eta = norms._per_example(step, x)
+    if norm == "l1":
+      direction = norms.l1_topk_direction(grad, topk)
+      return norms.project(x_adv + eta * direction, x, eps, norm)
+    momentum = jnp.where(i > 0, 0.75, 1.0).astype(x.dtype)
+    direction = norms.steepest_direction(grad, norm)
+    z = norms.project(x_adv + eta * direction, x, eps, norm)
+    return norms.project(
+        x_adv + momentum * (z - x_adv) + (1.0 - momentum) * (x_adv - x_prev), x, eps, norm)
+
+  def evaluate(i, x_new):
+    return oracle.value_and_grad(jax.random.fold_in(k_steps, i), x_new, objective)
+
   x0 = norms.random_init(k_init, x, eps, norm)
-  loss0, logits0, grad0 = oracle.value_and_grad(jax.random.fold_in(k_steps, num_steps),
-                                                x0, objective)
+  loss0, logits0, grad0 = evaluate(num_steps, x0)
+  topk0 = jnp.full((batch,), 0.2, x.dtype)
   state = _RunState(
-      x_adv=x0, x_prev=x0, grad=grad0, loss_prev=loss0, x_best=x0,
-      grad_best=grad0, loss_best=loss0, x_best_adv=x0, fooled=success(logits0),
+      x_eval=propose(0, x0, x0, grad0, max_step, topk0), x_base=x0, loss_prev=loss0,
+      x_best=x0, grad_best=grad0, loss_best=loss0, x_best_adv=x0, fooled=success(logits0),
       step=max_step, increases=jnp.zeros((batch,), x.dtype),
       loss_best_last_check=loss0, reduced_last_check=jnp.ones((batch,), bool),
-      topk=jnp.full((batch,), 0.2, x.dtype),
-      sparsity_old=jnp.full((batch,), float(dim), x.dtype))
+      topk=topk0, sparsity_old=jnp.full((batch,), float(dim), x.dtype))
+
+  def track_best(s: _RunState, loss, logits, grad):
+    """Best points after evaluating s.x_eval (loss, logits, grad at it)."""
+    wrong = success(logits)
+    x_best_adv = jnp.where(_expand(wrong, x), s.x_eval, s.x_best_adv)
+    improved = loss > s.loss_best
+    x_best = jnp.where(_expand(improved, x), s.x_eval, s.x_best)
+    grad_best = (None if grad is None else
+                 jnp.where(_expand(improved, x), grad, s.grad_best))
+    loss_best = jnp.where(improved, loss, s.loss_best)
+    return x_best_adv, s.fooled | wrong, x_best, grad_best, loss_best
 
   def body(i, s: _RunState) -> _RunState:
-    eta = norms._per_example(s.step, x)
-    if norm == "l1":
-      direction = norms.l1_topk_direction(s.grad, s.topk)
-      x_new = norms.project(s.x_adv + eta * direction, x, eps, norm)
-    else:
-      momentum = jnp.where(i > 0, 0.75, 1.0).astype(x.dtype)
-      direction = norms.steepest_direction(s.grad, norm)
-      z = norms.project(s.x_adv + eta * direction, x, eps, norm)
-      x_new = norms.project(
-          s.x_adv + momentum * (z - s.x_adv) + (1.0 - momentum) * (s.x_adv - s.x_prev),
-          x, eps, norm)
-    loss, logits, grad = oracle.value_and_grad(jax.random.fold_in(k_steps, i),
-                                               x_new, objective)
-    wrong = success(logits)
-    x_best_adv = jnp.where(_expand(wrong, x), x_new, s.x_best_adv)
-    improved = loss > s.loss_best
-    x_best = jnp.where(_expand(improved, x), x_new, s.x_best)
-    grad_best = jnp.where(_expand(improved, x), grad, s.grad_best)
-    loss_best = jnp.where(improved, loss, s.loss_best)
+    loss, logits, grad = evaluate(i, s.x_eval)
+    x_best_adv, fooled, x_best, grad_best, loss_best = track_best(s, loss, logits, grad)
     increases = s.increases + (loss > s.loss_prev)
     check = is_check[i]
 
@@ -188,18 +208,23 @@ def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
       reduced_last_check = jnp.where(check, restart, s.reduced_last_check)
       loss_best_last_check = jnp.where(check, loss_best, s.loss_best_last_check)
       topk, sparsity_old = s.topk, s.sparsity_old
+    # A restart continues from the best point with the gradient there.
+    x_adv = jnp.where(_expand(restart, x), x_best, s.x_eval)
+    grad = jnp.where(_expand(restart, x), grad_best, grad)
     return _RunState(
-        x_adv=jnp.where(_expand(restart, x), x_best, x_new), x_prev=s.x_adv,
-        grad=jnp.where(_expand(restart, x), grad_best, grad), loss_prev=loss,
-        x_best=x_best, grad_best=grad_best, loss_best=loss_best,
-        x_best_adv=x_best_adv, fooled=s.fooled | wrong, step=step,
+        x_eval=propose(i + 1, x_adv, s.x_base, grad, step, topk), x_base=x_adv,
+        loss_prev=loss, x_best=x_best, grad_best=grad_best, loss_best=loss_best,
+        x_best_adv=x_best_adv, fooled=fooled, step=step,
         increases=jnp.where(check, 0.0, increases),
         loss_best_last_check=loss_best_last_check,
         reduced_last_check=reduced_last_check, topk=topk, sparsity_old=sparsity_old)
 
-  s = lax.fori_loop(0, num_steps, body, state)
-  x_out = jnp.where(_expand(s.fooled, x), s.x_best_adv, s.x_best)
-  return x_out, s.fooled, s.loss_best
+  s = lax.fori_loop(0, num_steps - 1, body, state)
+  # The last iterate only updates the best points: a checkpoint after it
+  # could only change steps that never come.
+  loss, logits, _ = evaluate(num_steps - 1, s.x_eval)
+  x_best_adv, fooled, x_best, _, loss_best = track_best(s, loss, logits, None)
+  return jnp.where(_expand(fooled, x), x_best_adv, x_best), fooled, loss_best
 
 
 def _merge(best: Tuple[Array, Array, Array], new: Tuple[Array, Array, Array]):

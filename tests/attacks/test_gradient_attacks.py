@@ -16,7 +16,8 @@ from certjax import attacks
 from certjax.attacks.apgd import checkpoints
 from certjax.attacks import norms
 from certjax.attacks.pgd import schedule_multiplier
-from tests.attacks.conftest import BATCH, EPS, IMAGE_SHAPE, SUITE, fast_jit, linear_apply
+from tests.attacks.conftest import (BATCH, EPS, IMAGE_SHAPE, SUITE, fast_jit, linear_apply,
+                                    mlp_apply)
 
 ALL_ATTACKS = [(name, norm) for name in SUITE for norm in norms.NORMS
                if not (name == "square" and norm == "l1")]
@@ -257,3 +258,109 @@ def test_attacks_run_on_a_batch_sharded_over_two_devices():
   result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def _apgd_linf_ce_reference(params, x, y, x0, eps, num_steps, rho=0.75):
+  """APGD-CE (L-inf) on the tanh MLP of `mlp_apply`, in float64 NumPy.
+
+  A line-by-line transcription of attack_single_run in Croce & Hein's
+  autopgd_base.py (integer checkpoint windows, momentum 0.75, restarts from
+  the best point with its gradient), with certjax's documented choices: the
+  first increase counted against the random start and never-fooled examples
+  returned at their highest-loss point.
+
+  Returns:
+    (x_out, number of restarts, fragile): fragile marks the examples where a
+    loss comparison between two different points was decided by less than
+    1e-10, which rounding may decide either way in another implementation.
+  """
+  batch = len(x)
+  flat = lambda v: v.reshape(batch, -1)
+
+  w1, b1, w2, b2 = (np.asarray(params[k], np.float64) for k in ("w1", "b1", "w2", "b2"))
+
+  def loss_and_grad(v):
+    hidden = np.tanh(flat(v) @ w1 + b1)
+    logits = hidden @ w2 + b2
+    logits = logits - logits.max(1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    loss = -np.log(p[np.arange(batch), y])
+    d_logits = p - np.eye(w2.shape[1])[y]
+    grad = ((d_logits @ w2.T) * (1.0 - hidden ** 2)) @ w1.T
+    return loss, logits.argmax(1) != y, grad.reshape(v.shape)
+
+  project = lambda v: np.clip(x + np.clip(v - x, -eps, eps), 0.0, 1.0)
+  fragile = np.zeros(batch, bool)
+
+  def close(loss_a, loss_b, point_a, point_b):
+    moved = np.any(flat(point_a) != flat(point_b), axis=1)
+    return moved & (np.abs(loss_a - loss_b) < 1e-10)
+
+  expand = lambda m: m.reshape((-1,) + (1,) * (x.ndim - 1))
+  x_adv = x0.copy()
+  loss, fooled, grad = loss_and_grad(x_adv)
+  x_evaluated = x_adv.copy()
+  x_best, x_best_adv, grad_best, loss_best = x_adv.copy(), x_adv.copy(), grad.copy(), loss.copy()
+  step = np.full(batch, 2.0 * eps)
+  x_adv_old = x_adv.copy()
+  loss_steps = [loss]  # loss_steps[j + 1] = loss at iterate j
+  k = max(int(0.22 * num_steps), 1)
+  size_decr, n_iter_min = max(int(0.03 * num_steps), 1), max(int(0.06 * num_steps), 1)
+  counter3, restarts = 0, 0
+  loss_best_last_check, reduced_last_check = loss_best.copy(), np.ones(batch, bool)
+  for i in range(num_steps):
+    grad2 = x_adv - x_adv_old
+    x_adv_old = x_adv.copy()
+    a = 0.75 if i > 0 else 1.0
+    x_adv_1 = project(x_adv + expand(step) * np.sign(grad))
+    x_adv = project(x_adv + (x_adv_1 - x_adv) * a + grad2 * (1 - a))
+    loss, wrong, grad = loss_and_grad(x_adv)
+    fooled |= wrong
+    x_best_adv[wrong] = x_adv[wrong]
+    fragile |= (close(loss, loss_steps[-1], x_adv, x_evaluated)
+                | close(loss, loss_best, x_adv, x_best)
+                | np.any(np.abs(flat(grad)) < 1e-12, axis=1))  # sign of ~0
+    x_evaluated = x_adv.copy()
+    loss_steps.append(loss)
+    improved = loss > loss_best
+    x_best[improved], grad_best[improved] = x_adv[improved], grad[improved]
+    loss_best[improved] = loss[improved]
+    counter3 += 1
+    if counter3 == k:
+      increases = sum(loss_steps[i + 1 - c] > loss_steps[i - c] for c in range(k))
+      oscillation = increases <= k * rho
+      no_improvement = ~reduced_last_check & (loss_best_last_check >= loss_best)
+      restart = oscillation | no_improvement
+      reduced_last_check, loss_best_last_check = restart, loss_best.copy()
+      step[restart] /= 2.0
+      x_adv[restart], grad[restart] = x_best[restart], grad_best[restart]
+      restarts += int(restart.sum())
+      k, counter3 = max(k - size_decr, n_iter_min), 0
+  return np.where(expand(fooled), x_best_adv, x_best), restarts, fragile
+
+
+def test_apgd_matches_a_transcription_of_the_reference_loop():
+  # A random tanh MLP with large weights, whose gradient signs change inside
+  # the ball, so that the momentum, the step halving and the restarts all
+  # change the result (each was checked by mutating it). Both sides run in
+  # float64; examples where a decision was closer than rounding can be
+  # trusted with are left out (`fragile`).
+  rng = np.random.default_rng(3)
+  shapes = {"w1": (49, 16), "b1": (16,), "w2": (16, 10), "b2": (10,)}
+  params = {k: 2.0 * rng.normal(size=v) / np.sqrt(v[0]) for k, v in shapes.items()}
+  x = rng.uniform(size=(64,) + IMAGE_SHAPE)
+  eps, num_steps, key = 0.1, 20, jax.random.key(5)
+  with jax.enable_x64(True):
+    model = jax.tree_util.Partial(mlp_apply, jax.tree.map(jnp.asarray, params))
+    y = np.asarray(jnp.argmax(model(x), -1))
+    x_adv = np.asarray(fast_jit(lambda key, x, y: attacks.apgd(
+        key, model, x, y, eps=eps, num_steps=num_steps))(key, x, y))
+    # The random start certjax draws for restart 0 (see apgd_run).
+    k_init, _ = jax.random.split(jax.random.fold_in(key, 0))
+    x0 = np.asarray(norms.random_init(k_init, x, eps, "linf"))
+    fooled = np.asarray(jnp.argmax(model(x_adv), -1)) != y
+  assert x_adv.dtype == np.float64
+  expected, restarts, fragile = _apgd_linf_ce_reference(params, x, y, x0, eps, num_steps)
+  assert restarts > 0 and 0 < fooled.sum() < len(y), (restarts, fooled.sum())
+  assert fragile.sum() <= len(y) // 4, fragile.sum()
+  np.testing.assert_allclose(x_adv[~fragile], expected[~fragile], atol=1e-9)
