@@ -70,6 +70,11 @@ def _gaussian_noise(key: PRNGKey, shape, sigma) -> Array:
   return sigma * jax.random.normal(key, shape, jnp.float32)
 
 
+def _noisy_copies(key: PRNGKey, x: Array, m: int, sigma) -> Array:
+  """m copies of each example with fresh Gaussian noise: [B, ...] -> [B * m, ...]."""
+  return _repeat_examples(x, m) + _gaussian_noise(key, (x.shape[0] * m,) + x.shape[1:], sigma)
+
+
 def _soft_smoothed_log_probs(logits: Array, m: int) -> Array:
   """log of the softmax averaged over each example's m noisy copies: [B*m, K] -> [B, K]."""
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -370,8 +375,7 @@ def macer(hparams: ml_collections.ConfigDict, ctx: ObjectiveContext) -> LossFn:
     del step
     x, labels = batch["image"], batch["label"]
     batch_size = x.shape[0]
-    noisy = _repeat_examples(x, m) + _gaussian_noise(key, (batch_size * m,) + x.shape[1:],
-                                                     sigma)
+    noisy = _noisy_copies(key, x, m, sigma)
     logits, new_state = ctx.forward(params, model_state, noisy, train=True)
     logits = logits.astype(jnp.float32)
     smoothed_log_probs = _soft_smoothed_log_probs(logits, m)
@@ -439,8 +443,7 @@ def consistency(hparams: ml_collections.ConfigDict, ctx: ObjectiveContext) -> Lo
     del step
     x, labels = batch["image"], batch["label"]
     batch_size = x.shape[0]
-    noisy = _repeat_examples(x, m) + _gaussian_noise(key, (batch_size * m,) + x.shape[1:],
-                                                     sigma)
+    noisy = _noisy_copies(key, x, m, sigma)
     copy_labels = _repeat_examples(labels, m)
     logits, new_state = ctx.forward(params, model_state, noisy, train=True)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
