@@ -36,6 +36,7 @@ from certjax.smoothing.core import predict
 from certjax.smoothing.core import prediction_from_counts
 from certjax.smoothing.sampling import NOISE_TYPES
 from certjax.smoothing.sampling import input_keys
+from certjax.smoothing.sampling import keys_for_indices
 from certjax.smoothing.sampling import sample_counts
 from certjax.smoothing.sampling import sample_noise
 from certjax.smoothing.stats import average_certified_radius
@@ -76,6 +77,7 @@ __all__ = [
     "clopper_pearson_lower",
     "gaussian_l2_radius",
     "input_keys",
+    "keys_for_indices",
     "linf_radius_from_l2",
     "min_samples_to_certify",
     "predict",

@@ -157,9 +157,7 @@ def _certify_share(key, idx, logits_fn, sigma, cfg, config, split, num_classes, 
   radius = np.zeros(size, np.float32)
   if mine.size:
     x, y = data_pipeline.load_examples(config.data, split, mine)
-    # fold_in(key, dataset index) for each image (jitted, and correct for key
-    # implementations whose fold_in does not batch; see sampling.input_keys).
-    keys = sampling._fold_in_each(key, jnp.asarray(mine, jnp.uint32))
+    keys = sampling.keys_for_indices(key, mine)
     cert = _certify_group(keys, logits_fn, x, sigma, cfg, num_classes, mesh)
     labels[:mine.size], prediction[:mine.size] = y, cert.prediction
     radius[:mine.size] = cert.radius

@@ -119,6 +119,30 @@ def input_keys(key: PRNGKey, num_inputs: int, start: int | ArrayLike = 0) -> jax
   return _fold_in_each(key, indices)
 
 
+def keys_for_indices(key: PRNGKey, indices: ArrayLike) -> jax.Array:
+  """Per-input keys `fold_in(key, indices[i])` for arbitrary dataset indices.
+
+  `input_keys` for inputs that are not contiguous in the dataset (Cohen's
+  `skip`, one host's share of a selection): the key of input `j` of the
+  dataset is the same however the inputs are chosen and grouped.
+
+  Args:
+    key: a single PRNG key.
+    indices: 1-D non-negative integer dataset indices.
+
+  Returns:
+    A key array of shape `[len(indices)]`.
+  """
+  key = _as_typed_keys(key)
+  if key.shape != ():
+    raise ValueError(f"keys_for_indices needs a single key; got a key array of shape "
+                     f"{key.shape}.")
+  values = np.asarray(indices)
+  if values.ndim != 1 or values.dtype.kind not in "iu" or (values.size and values.min() < 0):
+    raise ValueError(f"indices must be a 1-D array of non-negative integers; got {indices!r}.")
+  return _fold_in_each(key, jnp.asarray(values, jnp.uint32))
+
+
 # Jitted: run op by op, the vmapped fold_in is retraced at every call
 # (milliseconds of host time per sample_counts / certify call).
 @jax.jit

@@ -312,3 +312,15 @@ def test_two_cpu_devices_match_single_device():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout
+
+
+def test_keys_for_indices_are_input_keys_at_arbitrary_indices():
+  key = jax.random.key(7)
+  indices = np.array([5, 2, 9], np.int64)
+  got = jax.random.key_data(smoothing.keys_for_indices(key, indices))
+  contiguous = jax.random.key_data(smoothing.input_keys(key, 10))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(contiguous)[indices])
+  with pytest.raises(ValueError, match="non-negative integers"):
+    smoothing.keys_for_indices(key, np.array([1, -1]))
+  with pytest.raises(ValueError, match="single key"):
+    smoothing.keys_for_indices(jax.random.split(key, 2), indices)
