@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from certjax import parallel
 from certjax.parallel import DATA_AXIS
 
 from certjax.types import ArrayLike, PRNGKey
@@ -198,11 +199,10 @@ def _jit_with_model(fn: Callable[..., Any], model: Any) -> Callable[..., Any]:
   return _jit(lambda *args: fn(model, *args))
 
 
-def _data_axis_size(mesh: Mesh) -> int:
+def _check_data_mesh(mesh: Mesh) -> None:
   if DATA_AXIS not in mesh.shape:
     raise ValueError(f"mesh must have a {DATA_AXIS!r} axis (certjax.parallel.make_mesh or "
                      f"local_mesh); got axes {tuple(mesh.shape)}.")
-  return int(mesh.shape[DATA_AXIS])
 
 
 def _padded_batches(indices: np.ndarray, batch_size: int):
@@ -295,8 +295,8 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
   batch_size = min(batch_size, num_examples)
   place = lambda *arrays: arrays  # pylint: disable=unnecessary-lambda-assignment
   if mesh is not None:
-    num_devices = _data_axis_size(mesh)
-    batch_size = -(-batch_size // num_devices) * num_devices
+    _check_data_mesh(mesh)
+    batch_size = parallel.round_up_batch(batch_size, mesh, "batch_size")
     batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     place = lambda *arrays: tuple(jax.device_put(a, batch_sharding) for a in arrays)  # pylint: disable=unnecessary-lambda-assignment
     logits_fn = _as_pytree_model(logits_fn)
