@@ -21,7 +21,8 @@ on 32x32x3 inputs, both with random weights; labels are the clean
 predictions, so clean accuracy is 100% and robust accuracy is comparable
 across implementations. `cnn_im2col` is the same CNN with the same weights
 and batch, its convolutions written as one matrix product over the 9 strided
-slices of the padded input (im2col) instead of flax's nn.Conv. XLA:CPU
+slices of the padded input (im2col, `certjax.models.layers.Im2colConv`, which
+`get_model(..., conv_impl='im2col')` uses) instead of flax's nn.Conv. XLA:CPU
 (jaxlib 0.10.2) runs these small convolutions through its Eigen convolution
 at about half the speed of the matrix product (which it hands to YNNPACK),
 on one core and on two; no XLA_FLAGS setting changed that: with
@@ -147,7 +148,8 @@ def _rates(seconds: Dict[str, Dict[str, float]], batch_size: int,
 
 def _flax_models():
   import flax.linen as nn
-  import jax.numpy as jnp
+
+  from certjax.models.layers import Im2colConv
 
   class MLP(nn.Module):
     @nn.compact
@@ -169,38 +171,12 @@ def _flax_models():
       x = nn.relu(nn.Dense(128, name="fc1")(x))
       return nn.Dense(10, name="fc2")(x)
 
-  class Im2colConv(nn.Module):
-    """nn.Conv's parameters and result, computed as one matrix product.
-
-    The k x k strided slices of the padded input are stacked on the channel
-    axis (im2col) and multiplied by the kernel reshaped to (k*k*C_in, C_out):
-    XLA:CPU runs this as a matrix product, about twice as fast as its
-    convolution for these small strided layers (see the module docstring).
-    """
-    features: int
-    kernel_size: int = 3
-    stride: int = 2
-    pad: int = 1
-
-    @nn.compact
-    def __call__(self, x):
-      k, s = self.kernel_size, self.stride
-      kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                          (k, k, x.shape[-1], self.features))
-      bias = self.param("bias", nn.initializers.zeros, (self.features,))
-      x = jnp.pad(x, ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0)))
-      out_h, out_w = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
-      # (i, j, c) order along the channel axis = HWIO kernel rows.
-      patches = jnp.concatenate(
-          [x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :]
-           for i in range(k) for j in range(k)], axis=-1)
-      return patches @ kernel.reshape(-1, self.features) + bias
-
   class SmallCNNIm2col(nn.Module):
     @nn.compact
     def __call__(self, x):
-      x = nn.relu(Im2colConv(32, name="conv1")(x))
-      x = nn.relu(Im2colConv(64, name="conv2")(x))
+      pad = ((1, 1), (1, 1))
+      x = nn.relu(Im2colConv(32, (3, 3), strides=(2, 2), padding=pad, name="conv1")(x))
+      x = nn.relu(Im2colConv(64, (3, 3), strides=(2, 2), padding=pad, name="conv2")(x))
       x = x.reshape(x.shape[0], -1)
       x = nn.relu(nn.Dense(128, name="fc1")(x))
       return nn.Dense(10, name="fc2")(x)

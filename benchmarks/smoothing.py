@@ -85,10 +85,11 @@ class CNN(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-def _registry_model(name: str, mean: tuple, std: tuple) -> Callable[[jnp.dtype], nn.Module]:
-  def make(dtype):
+def _registry_model(name: str, mean: tuple, std: tuple) -> Callable[..., nn.Module]:
+  def make(dtype, conv_impl="xla"):
     from certjax import models  # pylint: disable=import-outside-toplevel
-    return models.get_model(name, num_classes=10, mean=mean, std=std, dtype=dtype)
+    return models.get_model(name, num_classes=10, mean=mean, std=std, dtype=dtype,
+                            conv_impl=conv_impl)
   return make
 
 
@@ -104,6 +105,9 @@ MODELS: dict[str, tuple[Callable[[jnp.dtype], nn.Module], tuple[int, int, int]]]
     "resnet110_cifar": (_registry_model("resnet110", (0.4914, 0.4822, 0.4465),
                                         (0.2470, 0.2435, 0.2616)), (32, 32, 3)),
 }
+
+# The MODELS built by certjax.models.get_model (they take conv_impl).
+REGISTRY_MODELS = ("ibp_small_mnist", "resnet20_cifar", "resnet110_cifar")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -139,12 +143,21 @@ def main(argv=None) -> dict:
   parser.add_argument("--noise", choices=smoothing.NOISE_TYPES, default="gaussian")
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                       help="model compute dtype")
+  parser.add_argument("--conv_impl", choices=("xla", "im2col"), default="xla",
+                      help="convolutions of the certjax registry models (ibp_small_mnist, "
+                      "resnet*_cifar): nn.Conv or one matrix product (certjax/models/layers.py)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="results/smoothing.json", help="JSON output path")
   args = parser.parse_args(argv)
 
   make_model, input_shape = MODELS[args.model]
-  model = make_model(DTYPES[args.dtype])
+  if args.conv_impl != "xla":
+    if args.model not in REGISTRY_MODELS:
+      parser.error(f"--conv_impl={args.conv_impl} applies only to the certjax registry "
+                   f"models {REGISTRY_MODELS}, not to {args.model!r}.")
+    model = make_model(DTYPES[args.dtype], conv_impl=args.conv_impl)
+  else:
+    model = make_model(DTYPES[args.dtype])
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + input_shape))
   logits_fn = functools.partial(model.apply, variables)
   if "batch_stats" in variables:
@@ -194,6 +207,7 @@ def main(argv=None) -> dict:
       "model": args.model,
       "input_shape": list(input_shape),
       "dtype": args.dtype,
+      "conv_impl": args.conv_impl,
       "noise": args.noise,
       "batch": args.batch,
       "num": args.num,

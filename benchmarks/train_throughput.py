@@ -9,7 +9,9 @@ For each model, in one run and on the same batch:
     update, metrics), and its ratio to forward_backward.
 
 Models: the quickstart model (IBP small CNN, MNIST-shaped 28x28x1) and the
-CIFAR ResNet-20 on CIFAR-shaped random input (32x32x3).
+CIFAR ResNet-20 on CIFAR-shaped random input (32x32x3). `--conv_impls=xla,im2col`
+also times each model with its convolutions computed as one matrix product
+(`get_model(..., conv_impl='im2col')`, same parameters and result).
 
     python -m benchmarks.train_throughput --out=results/train_throughput.json
 """
@@ -38,10 +40,11 @@ CASES = {
 }
 
 
-def bench_case(name, batch_size, dtype, repeats):
+def bench_case(name, batch_size, dtype, repeats, conv_impl="xla"):
   model_name, shape, mean, std = CASES[name]
   model = models_lib.get_model(model_name, num_classes=10, mean=mean, std=std,
-                               dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+                               dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+                               conv_impl=conv_impl)
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   batch = {"image": rng.random((batch_size, *shape), dtype=np.float32),
@@ -83,14 +86,14 @@ def bench_case(name, batch_size, dtype, repeats):
   t_step = float(np.median(samples))
   result = {
       "model": model_name, "input_shape": list(shape), "batch_size": batch_size,
-      "compute_dtype": dtype,
+      "compute_dtype": dtype, "conv_impl": conv_impl,
       "params": models_lib.count_params(state.variables),
       "forward_images_per_s": batch_size / t_fwd,
       "forward_backward_images_per_s": batch_size / t_fb,
       "train_step_images_per_s": batch_size / t_step,
       "train_step_vs_forward_backward": t_fb / t_step,
   }
-  print(f"{name:24s} batch {batch_size:4d} {dtype:8s} | forward {result['forward_images_per_s']:9.0f} img/s"
+  print(f"{name:24s} {conv_impl:6s} batch {batch_size:4d} {dtype:8s} | forward {result['forward_images_per_s']:9.0f} img/s"
         f" | fwd+bwd {result['forward_backward_images_per_s']:9.0f} img/s"
         f" | train step {result['train_step_images_per_s']:9.0f} img/s"
         f" ({result['train_step_vs_forward_backward']:.2f}x of fwd+bwd)")
@@ -103,6 +106,8 @@ def main():
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
+  parser.add_argument("--conv_impls", default="xla",
+                      help="comma-separated: xla,im2col (see certjax/models/layers.py)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="results/train_throughput.json")
   args = parser.parse_args()
@@ -111,8 +116,9 @@ def main():
   print(report["environment"])
   for name in args.cases.split(","):
     for dtype in args.dtypes.split(","):
-      report["results"].append({"case": name, **bench_case(name, args.batch_size, dtype,
-                                                           args.repeats)})
+      for conv_impl in args.conv_impls.split(","):
+        report["results"].append({"case": name, **bench_case(
+            name, args.batch_size, dtype, args.repeats, conv_impl)})
   common.write_report(args.out, report)
 
 

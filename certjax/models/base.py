@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from certjax.models import layers
+
 # PyTorch's BatchNorm momentum 0.1 (weight of the new batch) is Flax's 0.9
 # (weight of the running average); the reference models are all PyTorch.
 BN_MOMENTUM = 0.9
@@ -104,11 +106,15 @@ class ImageClassifier(nn.Module):
     mean: per-channel data mean (its length fixes the channel count).
     std: per-channel data standard deviation.
     dtype: compute dtype (float32 or bfloat16); params stay float32.
+    conv_impl: how convolutions are computed: 'xla' (`nn.Conv`) or 'im2col'
+      (`layers.Im2colConv`: the same result and parameters, as one matrix
+      product).
   """
   num_classes: int
   mean: Sequence[float]
   std: Sequence[float]
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   def normalize_input(self, x: Any) -> jax.Array:
     x = check_model_input(x, len(self.mean), type(self).__name__)
@@ -127,10 +133,14 @@ class ImageClassifier(nn.Module):
   def conv(self, features: int, kernel: int, stride: int = 1,
            padding: str | int = 1, use_bias: bool = False,
            kernel_init: Any = he_normal_fan_out,
-           name: str | None = None) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=padding, use_bias=use_bias, dtype=self.dtype,
-                   param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+           name: str | None = None) -> nn.Module:
+    if self.conv_impl not in layers.CONV_IMPLS:
+      raise ValueError(f"conv_impl must be one of {layers.CONV_IMPLS}, got "
+                       f"{self.conv_impl!r}.")
+    conv_class = layers.Im2colConv if self.conv_impl == "im2col" else nn.Conv
+    return conv_class(features, (kernel, kernel), strides=(stride, stride),
+                      padding=padding, use_bias=use_bias, dtype=self.dtype,
+                      param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
 
   def dense(self, features: int, name: str | None = None) -> nn.Dense:
     return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32,

@@ -15,6 +15,7 @@ import ml_collections
 
 from certjax import data as data_lib
 from certjax import validation
+from certjax.models import layers as models_layers
 from certjax.training import objectives, optim
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -38,7 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = data_lib.default_data_config()
-  c.model = ml_collections.ConfigDict({"name": "mlp", "kwargs": {}})
+  # conv_impl: 'xla' (nn.Conv) or 'im2col' (the same convolution as one matrix
+  # product; faster on CPU for small strided CNNs, slower for ResNets: see
+  # certjax/models/layers.py). Checkpoints do not depend on it.
+  c.model = ml_collections.ConfigDict({"name": "mlp", "kwargs": {}, "conv_impl": "xla"})
   c.objective = objectives.objective_defaults("standard")
   c.optimizer = optim.default_optimizer_config()
   c.batch_size = 128            # global, over all devices and hosts
@@ -88,6 +92,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
   validation.check_choice(config.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
+  validation.check_choice(config.model.conv_impl, "model.conv_impl", models_layers.CONV_IMPLS)
   for key in ("batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints"):
     validation.check_int_at_least(config[key], key, 1)
   for key in ("eval_every_steps", "checkpoint_every_steps"):

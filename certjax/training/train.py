@@ -78,7 +78,8 @@ def build_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo):
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
   return models_lib.get_model(
       config.model.name, num_classes=info.num_classes, mean=info.mean, std=info.std,
-      dtype=dtype, **dict(config.model.kwargs))
+      dtype=dtype, conv_impl=config.model.get("conv_impl", "xla"),
+      **dict(config.model.kwargs))
 
 
 def create_train_state(config, model, tx, info, key) -> TrainState:
