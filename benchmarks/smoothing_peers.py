@@ -243,6 +243,9 @@ def main(argv=None) -> dict:
                       default=[250, 1000, 2500],
                       help="comma-separated noisy copies per forward pass, each run on both")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--conv_impl", choices=("xla", "im2col"), default="xla",
+                      help="certjax's convolutions: nn.Conv or one matrix product "
+                      "(certjax/models/layers.py); same weights and logits")
   parser.add_argument("--out", default="results/smoothing_peers.json")
   args = parser.parse_args(argv)
 
@@ -253,6 +256,7 @@ def main(argv=None) -> dict:
   if args.workdir:
     from certjax.training import load_trained  # pylint: disable=import-outside-toplevel
     model, variables, config, info = load_trained(args.workdir)
+    model = model.clone(conv_impl=args.conv_impl)
     if config.model.name != "ibp_small":
       raise ValueError(f"--workdir holds a {config.model.name!r} model; this benchmark "
                        "mirrors ibp_small in PyTorch.")
@@ -260,7 +264,8 @@ def main(argv=None) -> dict:
   else:
     data_config = data_lib.default_data_config()
     info = data_lib.get_info(data_config)
-    model = models.get_model("ibp_small", num_classes=10, mean=info.mean, std=info.std)
+    model = models.get_model("ibp_small", num_classes=10, mean=info.mean, std=info.std,
+                             conv_impl=args.conv_impl)
     variables = models.init_variables(model, jax.random.key(0), (1, 28, 28, 1))
   logits_fn = models.make_logits_fn(model, variables)
   stop = min(args.images * args.skip, info.num_eval)
@@ -368,7 +373,8 @@ def main(argv=None) -> dict:
       "environment": common.environment(),
       "torch_threads": torch.get_num_threads(),
       "load_average_at_end": list(os.getloadavg()),
-      "model": "ibp_small", "weights": args.workdir or "random init",
+      "model": "ibp_small", "conv_impl": args.conv_impl,
+      "weights": args.workdir or "random init",
       "data": data_config.name, "images": k, "skip": args.skip,
       "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
       "art_clopper_pearson_from": bound_from,
