@@ -584,6 +584,12 @@ def inventory_table(reports: Sequence[Report]):
                                      "torch", "date"])
 
 
+def _with_conv_impl(case: str, result: Mapping[str, Any]) -> str:
+  # Reports written before conv_impl existed used nn.Conv ('xla').
+  impl = result.get("conv_impl", "xla")
+  return case if impl == "xla" else f"{case} ({impl})"
+
+
 def training_table(reports: Sequence[Report]):
   """benchmarks/train_throughput.py: images/s of forward, fwd+bwd and train step."""
   import pandas as pd  # pylint: disable=import-outside-toplevel
@@ -591,8 +597,8 @@ def training_table(reports: Sequence[Report]):
   for r in reports:
     for res in r.data.get("results", []):
       rows.append({
-          "case": res.get("case", res.get("model", "?")), "batch": res.get("batch_size"),
-          "dtype": res.get("compute_dtype", "float32"),
+          "case": _with_conv_impl(res.get("case", res.get("model", "?")), res),
+          "batch": res.get("batch_size"), "dtype": res.get("compute_dtype", "float32"),
           "forward img/s": res.get("forward_images_per_s"),
           "fwd+bwd img/s": res.get("forward_backward_images_per_s"),
           "train step img/s": res.get("train_step_images_per_s"),
@@ -705,11 +711,16 @@ def smoothing_table(reports: Sequence[Report]):
   rows = []
   for r in reports:
     d = r.data
-    rows.append({"model": d.get("model", "?"), "batch": d.get("batch"),
+    # The overhead measure compares with a forward compiled with the counting
+    # loop's own compiler options (older reports lack it: fall back to plain).
+    same_options = d.get("ratio_smoothing_to_forward_same_compiler_options",
+                         d.get("ratio_smoothing_to_forward"))
+    rows.append({"model": _with_conv_impl(d.get("model", "?"), d), "batch": d.get("batch"),
                  "dtype": d.get("dtype", "float32"),
                  "forward img/s": d.get("forward_images_per_second"),
                  "smoothing forwards/s": d.get("smoothing_noisy_forwards_per_second"),
                  "smoothing / forward": d.get("ratio_smoothing_to_forward"),
+                 "smoothing / forward (same options)": same_options,
                  "file": os.path.basename(r.path), "source": r.source})
   return pd.DataFrame(rows)
 
@@ -752,8 +763,8 @@ def efficiency_summary(reports: Sequence[Report]):
   for _, row in attack_table(by_kind["attacks"]).iterrows():
     add(row["attack"], row["model"], row["ratio (median)"], "10 fwd+bwd", row["source"])
   for _, row in smoothing_table(by_kind["smoothing"]).iterrows():
-    add("smoothing counts", f"{row['model']} b{row['batch']}", row["smoothing / forward"],
-        "forward", row["source"])
+    add("smoothing counts", f"{row['model']} b{row['batch']}",
+        row["smoothing / forward (same options)"], "forward", row["source"])
   frame = pd.DataFrame(rows, columns=["algorithm", "model", "fraction of raw limit",
                                       "raw limit", "source"])
   frame["fraction of raw limit"] = pd.to_numeric(frame["fraction of raw limit"])

@@ -272,6 +272,24 @@ def test_efficiency_summary_collects_every_ratio_to_the_raw_limit(tmp_path):
   assert len(fig.axes[0].patches) == len(frame)
 
 
+def test_efficiency_uses_the_same_options_ratio_and_names_im2col(tmp_path):
+  # Newer reports: smoothing's overhead is measured against a forward compiled
+  # with the counting loop's options, and im2col runs are labelled apart.
+  smoothing = {**SMOOTHING, "conv_impl": "im2col",
+               "ratio_smoothing_to_forward": 2.3,
+               "ratio_smoothing_to_forward_same_compiler_options": 0.91}
+  train = json.loads(json.dumps(TRAIN))
+  train["results"].append({**train["results"][0], "conv_impl": "im2col",
+                           "train_step_vs_forward_backward": 1.05})
+  reports, _ = _reports(tmp_path, {"t.json": train, "s.json": smoothing})
+  frame = helpers.efficiency_summary(reports)
+  got = {(row["algorithm"], row["model"]): row["fraction of raw limit"]
+         for _, row in frame.iterrows()}
+  assert got == {("train step", "quickstart_ibp_small"): 0.9,
+                 ("train step", "quickstart_ibp_small (im2col)"): 1.05,
+                 ("smoothing counts", "mlp (im2col) b64"): 0.91}
+
+
 def test_peer_speed_up_from_a_separate_peers_only_run(tmp_path):
   reports, _ = _reports(tmp_path, {"a.json": ATTACKS, "p.json": PEERS_ONLY})
   frame = helpers.attack_peer_table(reports)
