@@ -78,6 +78,10 @@ def test_get_model_option_same_logits_and_bounds():
   np.testing.assert_allclose(got.lower, expected.lower, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.upper, expected.upper, rtol=1e-5, atol=1e-5)
   assert np.all(got.lower <= im2col_fn(x) + 1e-5) and np.all(im2col_fn(x) <= got.upper + 1e-5)
+  # CROWN-IBP's backward pass goes through the transposes of those ops.
+  spec = bounds.margin_spec(np.array([0, 1, 2]), 5)
+  np.testing.assert_allclose(bounds.crown_ibp(im2col_fn, box, spec),
+                             bounds.crown_ibp(xla_fn, box, spec), rtol=1e-5, atol=1e-4)
 
 
 def test_bad_conv_impl_is_an_error():
