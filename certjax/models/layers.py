@@ -1,8 +1,9 @@
 """Convolution written as im2col + one matrix product, for CPU backends.
 
-XLA:CPU (jaxlib 0.10) lowers small convolutions and, above all, their
-gradients to Eigen's convolution, which is several times slower than the
-matrix product XLA hands to its BLAS-like backends. `Im2colConv` computes
+XLA:CPU (jaxlib 0.10) lowers convolutions and their gradients to Eigen's
+convolution, which for the small strided layers of the IBP CNNs is slower
+than the matrix product XLA hands to its BLAS-like backends (the table
+below). `Im2colConv` computes
 exactly what `flax.linen.Conv` computes, with the same parameters (names,
 shapes, dtypes and initialisers), by stacking the k x k strided slices of
 the padded input on the channel axis ("im2col") and multiplying by the

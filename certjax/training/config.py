@@ -92,7 +92,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
   validation.check_choice(config.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
-  validation.check_choice(config.model.conv_impl, "model.conv_impl", models_layers.CONV_IMPLS)
+  validation.check_choice(config.model.get("conv_impl", "xla"), "model.conv_impl",
+                          models_layers.CONV_IMPLS)
   for key in ("batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints"):
     validation.check_int_at_least(config[key], key, 1)
   for key in ("eval_every_steps", "checkpoint_every_steps"):
