@@ -625,9 +625,21 @@ def attack_table(reports: Sequence[Report]):
             "ratio (best)": (res.get("ratio_to_fwd_bwd_x10_best") or {}).get(attack),
             "ratio (CPU time)": (res.get("ratio_to_fwd_bwd_x10_cpu_time") or {}).get(attack),
             "robust acc": (res.get("robust_accuracy") or {}).get(attack),
-            "source": r.source,
+            "file": os.path.basename(r.path), "source": r.source,
         })
   return pd.DataFrame(rows)
+
+
+def label_with_file(frame, column: str):
+  """`frame[column]`, with ' [file]' appended when the rows come from several files.
+
+  For charts, which draw one bar per (category, series) pair: two runs of the
+  same benchmark (say on 2 cores and on 1) must not share a category.
+  """
+  labels = frame[column].astype(str)
+  if "file" in frame and frame["file"].nunique() > 1:
+    labels = labels + " [" + frame["file"].astype(str) + "]"
+  return labels
 
 
 def attack_peer_table(reports: Sequence[Report]):
@@ -663,7 +675,8 @@ def attack_peer_table(reports: Sequence[Report]):
           speedup, origin = float("nan"), "no certjax figure"
         rows.append({"model": model, "peer": peer, "peer img/s": ips,
                      "certjax PGD-10 speed-up": speedup, "from": origin,
-                     "peer device": peers.get("device"), "source": r.source})
+                     "peer device": peers.get("device"), "file": os.path.basename(r.path),
+                     "source": r.source})
   return pd.DataFrame(rows)
 
 
@@ -760,7 +773,10 @@ def efficiency_summary(reports: Sequence[Report]):
 
   for _, row in training_table(by_kind["training"]).iterrows():
     add("train step", row["case"], row["train step / fwd+bwd"], "1 fwd+bwd", row["source"])
-  for _, row in attack_table(by_kind["attacks"]).iterrows():
+  attacks = attack_table(by_kind["attacks"])
+  if not attacks.empty:
+    attacks["model"] = label_with_file(attacks, "model")
+  for _, row in attacks.iterrows():
     add(row["attack"], row["model"], row["ratio (median)"], "10 fwd+bwd", row["source"])
   for _, row in smoothing_table(by_kind["smoothing"]).iterrows():
     add("smoothing counts", f"{row['model']} b{row['batch']}",

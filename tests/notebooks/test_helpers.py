@@ -344,3 +344,17 @@ def test_radius_cap_matches_the_caps_stated_in_the_configs():
   assert helpers.radius_cap(0.25, 5_000, 0.001) == pytest.approx(0.749, abs=1e-3)
   assert helpers.radius_cap(1.0, 5_000, 0.001) == pytest.approx(2.99, abs=5e-3)
   assert helpers.radius_cap(1.0, 100_000, 0.001) == pytest.approx(3.8, abs=0.05)
+
+
+def test_two_runs_of_one_benchmark_stay_apart_in_charts(tmp_path):
+  # A 2-core and a 1-core run of benchmarks/attacks.py: bar_chart draws one
+  # bar per (category, series), so the file must be part of the category.
+  one_core = json.loads(json.dumps(ATTACKS))
+  one_core["certjax"]["mlp"]["ratio_to_fwd_bwd_x10"]["pgd10"] = 0.89
+  reports, _ = _reports(tmp_path, {"a.json": ATTACKS, "a1.json": one_core})
+  frame = helpers.efficiency_summary(reports)
+  got = {(row["algorithm"], row["model"]): row["fraction of raw limit"]
+         for _, row in frame.iterrows()}
+  assert got[("pgd10", "mlp [a.json]")] == 0.95 and got[("pgd10", "mlp [a1.json]")] == 0.89
+  table = helpers.attack_table([r for r in reports if r.path.endswith("/a.json")])
+  assert list(helpers.label_with_file(table, "model").unique()) == ["mlp"]
