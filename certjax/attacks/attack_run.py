@@ -41,7 +41,6 @@ from certjax import parallel
 from certjax import validation
 from certjax.attacks import config as attack_config_lib
 from certjax.attacks.runner import EpsResult, RobustAccuracyResult, robust_accuracy
-from certjax.data import sources as sources_lib
 from certjax.training import checkpoints as ckpt_lib
 from certjax.training import config as config_lib
 
@@ -83,8 +82,7 @@ def run_attacks(config: ml_collections.ConfigDict, workdir: str, *,
           "--config=... --workdir=<the same workdir>.")
   model, variables, config, info = train_lib.load_trained(workdir, step=step, config=config)
   split = acfg.split or config.data.eval_split
-  num_examples = len(sources_lib.open_source(data_lib.validate_data_config(config.data), split))
-  indices = data_lib.select_indices(num_examples, config.skip, config.max, split)
+  indices = data_lib.select_split_indices(config.data, split, config.skip, config.max)
   share, share_size = parallel.host_share(indices.size)
   x, y = data_lib.load_examples(config.data, split, indices[share])
   # Attacks run data-parallel on this host's devices (robust_accuracy

@@ -193,9 +193,7 @@ def run_verification(config: ml_collections.ConfigDict, workdir: str) -> Verific
   step = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints,
                                read_only=True).latest_step()
   split = cfg.split or config.data.eval_split
-  num_examples = data_lib.get_info(ml_collections.ConfigDict(
-      {**config.data.to_dict(), "eval_split": split})).num_eval
-  indices = data_lib.select_indices(num_examples, int(config.skip), int(config.max), split)
+  indices = data_lib.select_split_indices(config.data, split, int(config.skip), int(config.max))
   share, share_size = parallel.host_share(indices.size)
   x_all, y_all = data_lib.load_examples(config.data, split, indices[share])
   logging.info("Verifying %s on %d %s %s images at eps %s with %s (%d here, %d device(s) "

@@ -32,7 +32,7 @@ from certjax.data.pipeline import eval_batches
 from certjax.data.pipeline import eval_dataset
 from certjax.data.pipeline import load_arrays
 from certjax.data.pipeline import load_examples
-from certjax.data.pipeline import select_indices
+from certjax.data.pipeline import select_indices, select_split_indices
 from certjax.data.pipeline import train_batches
 from certjax.data.pipeline import train_dataset
 from certjax.data.transforms import eval_transform
@@ -52,6 +52,7 @@ __all__ = [
     "load_arrays",
     "load_examples",
     "select_indices",
+    "select_split_indices",
     "load_idx_split",
     "read_idx",
     "train_batches",

@@ -414,3 +414,16 @@ def select_indices(num_examples: int, skip: int, max_index: int, split: str = ""
     raise ValueError(f"skip={skip}, max={max_index} select no image of split {split!r} "
                      f"({num_examples} images).")
   return indices
+
+
+def select_split_indices(data_config: Any, split: str, skip: int, max_index: int
+                         ) -> np.ndarray:
+  """`select_indices` over the whole of `split`, as the attack, verify and
+  certify launchers select their images.
+
+  The selection indexes the full split: `data_config.num_eval_examples`, the
+  cap on training-time evaluation, does not apply, so `skip`/`max` mean the
+  same as in Cohen et al.'s certify.py whatever that cap is.
+  """
+  cfg = config_lib.validate_data_config(data_config)
+  return select_indices(len(sources.open_source(cfg, split)), skip, max_index, split)

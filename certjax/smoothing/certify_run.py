@@ -53,9 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from certjax import models as models_lib
 from certjax import parallel
-from certjax.data import config as data_config_lib
 from certjax.data import pipeline as data_pipeline
-from certjax.data import sources as data_sources
 from certjax.smoothing import analysis
 from certjax.smoothing import config as smoothing_config
 from certjax.smoothing import core
@@ -231,9 +229,8 @@ def run_certification(config: ml_collections.ConfigDict, workdir: str) -> Certif
   logits_fn = models_lib.make_logits_fn(model, variables)
 
   split = cfg.split or config.data.eval_split
-  num_examples = len(data_sources.open_source(
-      data_config_lib.validate_data_config(config.data), split))
-  indices = data_pipeline.select_indices(num_examples, int(config.skip), int(config.max), split)
+  indices = data_pipeline.select_split_indices(config.data, split, int(config.skip),
+                                              int(config.max))
 
   out_dir = cfg.output_dir or os.path.join(workdir, CERTIFY_DIR)
   main = parallel.is_main_process()

@@ -178,6 +178,14 @@ def test_select_indices_follows_cohen_skip_max():
     data.select_indices(10, 1, 0, "test")
 
 
+def test_launcher_selection_indexes_the_whole_split(cfg):
+  # The eval split has 13 examples; the training-eval cap must not shrink the
+  # skip/max selection of the attack / verify / certify launchers.
+  cfg.num_eval_examples = 5
+  np.testing.assert_array_equal(data.select_split_indices(cfg, "test", 4, -1), [0, 4, 8, 12])
+  np.testing.assert_array_equal(data.select_split_indices(cfg, "test", 4, 9), [0, 4, 8])
+
+
 def test_load_examples_in_the_order_given(cfg):
   x, y = data.load_examples(cfg, "test", [12, 0, 5])
   assert x.dtype == np.float32 and y.dtype == np.int32

@@ -89,7 +89,9 @@ def test_attack_and_verification_match_single_process(runs):
     for field in ("correct", "robust", "robust_accuracy_after"):
       assert out["attack"][field] == ref["attack"][field], field
     assert out["verify"] == ref["verify"]
-    assert out["verify"]["num_images"] == 3  # 2 + 1 over the hosts, padded to 4 devices
+    # skip/max index the whole split (not the 150-image eval cap), as for the
+    # attack: 7 images, 4 + 3 over the hosts, the second host padded to 4.
+    assert out["verify"]["num_images"] == 7
   assert ref["attack"]["correct"] != ref["attack"]["robust"][-1]  # the attack bites
 
 
