@@ -71,7 +71,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       with augment='none'), at random for training with augment='crop_flip'.
       Required (e.g. 224) for data sets whose images vary in size, such as
       'imagenet2012'; allowed for fixed-size data sets too.
-    num_eval_examples: cap on the number of evaluation examples (-1 = all).
+    num_eval_examples: cap on the number of examples of the evaluation during
+      training (-1 = all). The attack, verify and certify launchers select
+      their images with `skip`/`max` over the whole split instead.
     split_seed: seed of the stratified train/test split of 'mnist5k' only;
       deliberately separate from the training seed so that the test set
       stays fixed across training runs.
