@@ -1,8 +1,5 @@
 """FGSM / FGM, PGD, MI-FGSM and APGD: geometry, strength, jit / vmap / sharding."""
 
-import os
-import subprocess
-import sys
 import textwrap
 import zlib
 
@@ -16,6 +13,7 @@ from certjax import attacks
 from certjax.attacks.apgd import checkpoints
 from certjax.attacks import norms
 from certjax.attacks.pgd import schedule_multiplier
+from tests._subprocess import run_on_cpu_devices
 from tests.attacks.conftest import (BATCH, EPS, IMAGE_SHAPE, SUITE, fast_jit, linear_apply,
                                     mlp_apply)
 
@@ -252,11 +250,7 @@ def test_attacks_run_on_a_batch_sharded_over_two_devices():
       np.testing.assert_allclose(sharded, run(x, y), atol=1e-6)
       print('ok')
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)
+  result = run_on_cpu_devices(script, 2, timeout=120)
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 

@@ -1,11 +1,8 @@
 """`robust_accuracy(..., mesh=...)` splits batches over devices and matches one device."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests._subprocess import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
   import functools
@@ -51,8 +48,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_robust_accuracy_on_four_devices_matches_one_device():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = run_on_cpu_devices(SCRIPT, 4)
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

@@ -1,11 +1,8 @@
 """Bound propagation on a batch sharded over 4 CPU devices equals one device."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests._subprocess import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
   import jax, numpy as np
@@ -34,9 +31,6 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_bounds_on_four_devices_match_one_device():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = run_on_cpu_devices(SCRIPT, 4)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "OK" in proc.stdout

@@ -2,9 +2,6 @@
 
 import functools
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,6 +15,7 @@ from scipy import stats as scipy_stats
 
 from certjax import smoothing
 from certjax.smoothing import sampling
+from tests._subprocess import run_on_cpu_devices
 
 SIGMA = 0.25
 NUM = 37  # with 6 inputs: 222 pairs, ragged for batch sizes 16 and 7
@@ -303,13 +301,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_two_cpu_devices_match_single_device():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-  env["JAX_PLATFORMS"] = "cpu"
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  result = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = run_on_cpu_devices(_MULTI_DEVICE_SCRIPT, 2)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout
 
