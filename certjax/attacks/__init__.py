@@ -5,7 +5,17 @@ on NHWC images in [0, 1]; the `make_*` factories return
 `attack_fn(key, logits_fn, x, y, eps)` for `robust_accuracy`. `logits_fn` may
 be a plain function or a gradient oracle (see `eot`).
 
+Eager calls check every input; under `jit`/`vmap` pass `checked=True` and
+run the transformed function through `checked` to check values too (NaN,
+range, eps >= 0, labels), with no cost when not asked for:
+
+    run = jax.jit(lambda key, x, y, eps: attacks.pgd(key, model, x, y, eps=eps,
+                                                     checked=True))
+    x_adv = attacks.checked(run)(key, x, y, eps)
+
 Modules:
+  core: gradient oracles, input checks (`validate_inputs`, `checked`) and
+    `bind_attack`, shared by the attack modules.
   norms: Lp-ball geometry (random init, steepest steps, projections).
   losses: cross-entropy, CW margin, DLR (targeted and untargeted).
   pgd: FGSM / FGM, PGD with restarts and schedules, MI-FGSM.
@@ -21,26 +31,26 @@ import module-level helpers with `from certjax.attacks.apgd import
 checkpoints` (which always resolves the module).
 """
 
-from certjax.attacks import eot, losses, norms
-from certjax.attacks._core import GradientOracle, as_oracle
+from certjax.attacks import core, eot, losses, norms
+from certjax.attacks.core import (AttackFn, DeterministicOracle, GradientOracle, as_oracle,
+                                  bind_attack, checked)
 from certjax.attacks.apgd import apgd, apgd_targeted, make_apgd, make_apgd_targeted
 from certjax.attacks.eot import EOT, eot_gradient, eot_transform
 from certjax.attacks.losses import cross_entropy, cw_margin, dlr
 from certjax.attacks.norms import NORMS, lp_norm, project, random_init, steepest_direction
 from certjax.attacks.patch import apply_patch, patch_success_rate, train_patch
-from certjax.attacks.pgd import (AttackFn, fgm, fgsm, make_fgm, make_mi_fgsm, make_pgd,
-                                 mi_fgsm, pgd)
+from certjax.attacks.pgd import fgm, fgsm, make_fgm, make_mi_fgsm, make_pgd, mi_fgsm, pgd
 from certjax.attacks.runner import (EpsResult, PerturbationError, RobustAccuracyResult,
                                     check_perturbation, robust_accuracy, standard_attacks)
 from certjax.attacks.square import SquareInfo, make_square, square
 
 __all__ = [
-    "AttackFn", "EOT", "EpsResult", "GradientOracle", "NORMS", "PerturbationError",
-    "RobustAccuracyResult", "SquareInfo", "apgd", "apgd_targeted", "apply_patch",
-    "as_oracle", "check_perturbation", "cross_entropy", "cw_margin", "dlr", "eot",
-    "eot_gradient", "eot_transform", "fgm", "fgsm", "losses", "lp_norm", "make_apgd",
-    "make_apgd_targeted", "make_fgm", "make_mi_fgsm", "make_pgd", "make_square",
-    "mi_fgsm", "norms", "patch_success_rate", "pgd", "project", "random_init",
-    "robust_accuracy", "square", "standard_attacks", "steepest_direction",
-    "train_patch",
+    "AttackFn", "DeterministicOracle", "EOT", "EpsResult", "GradientOracle", "NORMS",
+    "PerturbationError", "RobustAccuracyResult", "SquareInfo", "apgd", "apgd_targeted",
+    "apply_patch", "as_oracle", "bind_attack", "check_perturbation", "checked", "core",
+    "cross_entropy", "cw_margin", "dlr", "eot", "eot_gradient", "eot_transform", "fgm",
+    "fgsm", "losses", "lp_norm", "make_apgd", "make_apgd_targeted", "make_fgm",
+    "make_mi_fgsm", "make_pgd", "make_square", "mi_fgsm", "norms", "patch_success_rate",
+    "pgd", "project", "random_init", "robust_accuracy", "square", "standard_attacks",
+    "steepest_direction", "train_patch",
 ]

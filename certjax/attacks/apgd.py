@@ -51,12 +51,13 @@ import numpy as np
 from jax import lax
 
 from certjax.types import Array, ArrayLike, PRNGKey
-from certjax.validation import check_choice, check_in_open_interval, check_int_at_least
+from certjax.validation import (check_choice, check_in_open_interval, check_int_at_least,
+                                checkify_in_open_interval, is_concrete)
 from certjax.attacks import losses as losses_lib
 from certjax.attacks.losses import Loss
 from certjax.attacks import norms
-from certjax.attacks._core import GradientOracle, as_oracle, validate_inputs
-from certjax.attacks.pgd import AttackFn, _bind, _loss_name
+from certjax.attacks.core import (AttackFn, GradientOracle, as_oracle, bind_attack,
+                                  validate_inputs)
 
 APGD_LOSSES = ("ce", "dlr", "cw")
 
@@ -151,7 +152,7 @@ def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
 
   def propose(i, x_adv, x_prev, grad, step, topk) -> Array:
     """Iterate i + 1 from iterate i (x_adv), i - 1 (x_prev) and the gradient at x_adv."""
-    eta = norms._per_example(step, x)
+    eta = norms.broadcast_per_example(step, x)
     if norm == "l1":
       direction = norms.l1_topk_direction(grad, topk)
       return norms.project(x_adv + eta * direction, x, eps, norm)
@@ -192,7 +193,7 @@ def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
     check = is_check[i]
 
     if norm == "l1":
-      sparsity = jnp.sum(norms._flatten(x_best - x) != 0, axis=1).astype(x.dtype)
+      sparsity = jnp.sum(norms.flatten_batch(x_best - x) != 0, axis=1).astype(x.dtype)
       fresh = check & (sparsity / s.sparsity_old < 0.95)
       topk = jnp.where(check, sparsity / dim / 1.5, s.topk)
       shrunk = jnp.clip(s.step / 1.5, max_step / 10.0, max_step)
@@ -236,21 +237,30 @@ def _merge(best: Tuple[Array, Array, Array], new: Tuple[Array, Array, Array]):
           jnp.where(take, new_loss, best_loss))
 
 
-def _check_config(norm: str, loss: Loss, num_steps: int, num_restarts: int, rho: Any):
+def _check_config(norm: str, loss: Loss, num_steps: int, num_restarts: int, rho: Any,
+                  checked: bool = False):
   check_choice(norm, "norm", norms.NORMS)
   if not callable(loss):
     check_choice(loss, "loss", APGD_LOSSES)
   check_int_at_least(num_steps, "num_steps", 1)
   check_int_at_least(num_restarts, "num_restarts", 1)
-  if not isinstance(rho, jax.core.Tracer):
+  if is_concrete(rho):
     check_in_open_interval(rho, "rho", 0.0, 1.0)
+  elif checked:
+    checkify_in_open_interval(rho, "rho", 0.0, 1.0)
 
 
 def apgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
          eps: ArrayLike, norm: str = "linf", loss: Loss = "ce",
          num_steps: int = 100, num_restarts: int = 1, rho: ArrayLike = 0.75,
-         target: Optional[ArrayLike] = None) -> Array:
+         target: Optional[ArrayLike] = None, checked: bool = False) -> Array:
   """APGD (Croce & Hein 2020): APGD-CE with loss='ce', APGD-DLR with loss='dlr'.
+
+  Checks: eager calls check shapes, dtypes, settings and values (x finite and
+  in [0, 1], eps finite and >= 0, y and target in [0, num_classes), rho in
+  (0, 1)). Under `jit`/`vmap` the values are traced and only shapes, dtypes
+  and settings are checked, unless `checked=True`, which checks the values
+  in the compiled program (see `certjax.attacks.core`).
 
   Args:
     key: a `jax.random.key`.
@@ -266,15 +276,22 @@ def apgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     rho: condition-1 threshold (0.75).
     target: optional target labels for a targeted attack (success means
       predicting the target).
+    checked: check traced values too, as `checkify` checks; the call must
+      then run under `certjax.attacks.checked` (or `checkify.checkify`).
+      False adds nothing to the program.
 
   Returns:
     Adversarial images shaped like `x`: the first adversarial point found, or
     the highest-loss point for examples never fooled (x itself for examples
     misclassified to begin with).
+
+  Raises:
+    ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
-  _check_config(norm, loss, num_steps, num_restarts, rho)
-  num_classes = validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="apgd")
+  _check_config(norm, loss, num_steps, num_restarts, rho, checked)
+  num_classes = validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="apgd",
+                                checked=checked)
   _check_dlr_classes(loss, num_classes, targeted=target is not None)
   x, y = jnp.asarray(x), jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
@@ -297,7 +314,8 @@ def apgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
 def apgd_targeted(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
                   eps: ArrayLike, norm: str = "linf", num_steps: int = 100,
                   num_target_classes: int = 9, num_restarts: int = 1,
-                  rho: ArrayLike = 0.75, loss: Loss = "dlr") -> Array:
+                  rho: ArrayLike = 0.75, loss: Loss = "dlr",
+                  checked: bool = False) -> Array:
   """APGD-T (Croce & Hein 2020): APGD on the targeted loss over the top classes.
 
   For t = 1 .. num_target_classes the target of each example is its (t+1)-th
@@ -305,6 +323,12 @@ def apgd_targeted(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
   the targeted loss (targeted DLR by default) towards it. Success means
   misclassification (any class other than y), and every example keeps its
   first success across all targets and restarts.
+
+  Checks: eager calls check shapes, dtypes, settings and values (x finite and
+  in [0, 1], eps finite and >= 0, y in [0, num_classes), rho in
+  (0, 1)). Under `jit`/`vmap` the values are traced and only shapes, dtypes
+  and settings are checked, unless `checked=True`, which checks the values
+  in the compiled program (see `certjax.attacks.core`).
 
   Args:
     key: a `jax.random.key`.
@@ -318,14 +342,21 @@ def apgd_targeted(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     num_restarts: runs per target class.
     rho: condition-1 threshold.
     loss: targeted loss, 'dlr' (needs >= 4 classes), 'ce' or 'cw'.
+    checked: check traced values too, as `checkify` checks; the call must
+      then run under `certjax.attacks.checked` (or `checkify.checkify`).
+      False adds nothing to the program.
 
   Returns:
     Adversarial images shaped like `x`.
+
+  Raises:
+    ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
-  _check_config(norm, loss, num_steps, num_restarts, rho)
+  _check_config(norm, loss, num_steps, num_restarts, rho, checked)
   check_int_at_least(num_target_classes, "num_target_classes", 1)
-  num_classes = validate_inputs(oracle, x, y, eps=eps, norm=norm, name="apgd_targeted")
+  num_classes = validate_inputs(oracle, x, y, eps=eps, norm=norm, name="apgd_targeted",
+                                checked=checked)
   _check_dlr_classes(loss, num_classes, targeted=True)
   num_targets = min(num_target_classes, num_classes - 1)
   x, y = jnp.asarray(x), jnp.asarray(y)
@@ -361,8 +392,8 @@ def make_apgd(*, norm: str = "linf", loss: Loss = "ce", num_steps: int = 100,
               num_restarts: int = 1, rho: float = 0.75) -> AttackFn:
   """`attack_fn(key, logits_fn, x, y, eps)` running `apgd` with this configuration."""
   _check_config(norm, loss, num_steps, num_restarts, rho)
-  return _bind(apgd, f"apgd-{_loss_name(loss)}", norm=norm, loss=loss, num_steps=num_steps,
-               num_restarts=num_restarts, rho=rho)
+  return bind_attack(apgd, f"apgd-{losses_lib.loss_name(loss)}", norm=norm, loss=loss,
+                     num_steps=num_steps, num_restarts=num_restarts, rho=rho)
 
 
 def make_apgd_targeted(*, norm: str = "linf", num_steps: int = 100,
@@ -371,6 +402,6 @@ def make_apgd_targeted(*, norm: str = "linf", num_steps: int = 100,
   """`attack_fn(key, logits_fn, x, y, eps)` running `apgd_targeted`."""
   _check_config(norm, loss, num_steps, num_restarts, rho)
   check_int_at_least(num_target_classes, "num_target_classes", 1)
-  return _bind(apgd_targeted, "apgd-t", norm=norm, num_steps=num_steps,
-               num_target_classes=num_target_classes, num_restarts=num_restarts,
-               rho=rho, loss=loss)
+  return bind_attack(apgd_targeted, "apgd-t", norm=norm, num_steps=num_steps,
+                     num_target_classes=num_target_classes, num_restarts=num_restarts,
+                     rho=rho, loss=loss)

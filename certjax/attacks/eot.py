@@ -1,7 +1,7 @@
 """Expectation over Transformation (EOT) for randomized models and defences.
 
 Design: every attack in `certjax.attacks` reaches the model through a
-*gradient oracle* (see `certjax.attacks._core`): an object with
+*gradient oracle* (see `certjax.attacks.core`): an object with
 `logits(key, x)` and `value_and_grad(key, x, loss_fn)`. A plain `logits_fn` is
 wrapped as a deterministic oracle; the objects built here average over random
 draws instead, so EOT composes with FGSM, PGD, MI-FGSM, APGD and Square without
@@ -20,6 +20,11 @@ success is judged on the mean logits. Samples are drawn with keys
 `num_samples`; `chunk_size` > 1 evaluates that many samples at once with
 `vmap` (faster on accelerators, `chunk_size` times the memory).
 
+Checks: the constructors check their settings (num_samples, chunk_size,
+callables) when called. The oracles check nothing about the images they are
+given: the attack using them does, eagerly, and under `jit`/`vmap` with its
+`checked=True` (see `certjax.attacks.core`).
+
 References:
   Athalye, Engstrom, Ilyas, Kwok. Synthesizing Robust Adversarial Examples.
     ICML 2018.
@@ -37,7 +42,7 @@ from jax import lax
 
 from certjax.types import Array, ArrayLike, PRNGKey
 from certjax.validation import check_int_at_least
-from certjax.attacks._core import LossOfLogits, per_example_value_and_grad
+from certjax.attacks.core import LossOfLogits, per_example_value_and_grad
 
 RandomizedLogitsFn = Callable[[PRNGKey, Array], Array]
 Transform = Callable[[PRNGKey, Array], Array]
@@ -117,6 +122,8 @@ def eot_transform(logits_fn: Callable[[Array], Array], transform: Transform,
 def eot_gradient(key: PRNGKey, rand_logits_fn: RandomizedLogitsFn, x: ArrayLike,
                  loss_fn: LossOfLogits, num_samples: int) -> Array:
   """Expectation-over-Transformation gradient of a per-example loss.
+
+  `x` is not checked (it need not be an image); `num_samples` is.
 
   Args:
     key: a `jax.random.key`.

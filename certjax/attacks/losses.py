@@ -108,6 +108,15 @@ def get_loss(name: Loss) -> LossFn:
   return LOSSES[check_choice(name, "loss", tuple(LOSSES))]
 
 
+def loss_name(loss: Loss) -> str:
+  """A short name for a loss, for attack names and result tables.
+
+  A loss given by name is its own name; a callable gives its `__name__`
+  ('custom' when it has none, e.g. a `functools.partial`).
+  """
+  return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+
+
 def is_successful(logits: ArrayLike, labels: ArrayLike,
                   target: Optional[ArrayLike] = None) -> Array:
   """Per-example attack success: misclassified (untargeted) or predicted as target."""

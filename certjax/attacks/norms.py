@@ -59,28 +59,43 @@ _TINY = 1e-12
 _L2_BISECTION_STEPS = 40
 
 
-def _flatten(v: Array) -> Array:
+def flatten_batch(v: ArrayLike) -> Array:
+  """A batch as a (batch, d) matrix: one row per example, d its other dimensions.
+
+  Args:
+    v: array of rank >= 1, the batch first.
+
+  Returns:
+    `v` reshaped to (batch, -1).
+  """
+  v = jnp.asarray(v)
   return v.reshape(v.shape[0], -1)
 
 
-def _per_example(value: ArrayLike, like: Array) -> Array:
-  """Broadcasts a scalar or (batch,) value against a batch shaped like `like`."""
+def broadcast_per_example(value: ArrayLike, like: Array) -> Array:
+  """Shapes a scalar or per-example value to broadcast against a batch.
+
+  A radius, step size or norm given per example (shape (batch,)) becomes
+  (batch, 1, ..., 1) with the rank of `like`; a scalar stays a scalar. Either
+  is cast to `like.dtype`, so low-precision batches keep their dtype.
+
+  Args:
+    value: scalar or (batch,) array.
+    like: the batch it will be combined with.
+
+  Returns:
+    `value` as an array of shape () or (batch,) + (1,) * (like.ndim - 1).
+  """
   value = jnp.asarray(value, dtype=like.dtype)
   if value.ndim == 0:
     return value
   return value.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def _per_example_flat(value: ArrayLike, like: Array) -> Array:
-  """Like `_per_example`, for a flattened (batch, d) array: shape () or (batch, 1)."""
-  value = jnp.asarray(value, dtype=like.dtype)
-  return value if value.ndim == 0 else value.reshape(-1, 1)
-
-
 def lp_norm(v: ArrayLike, norm: str) -> Array:
   """Per-example Lp norm of a batch: shape (batch,)."""
   check_choice(norm, "norm", NORMS)
-  v = _flatten(jnp.asarray(v))
+  v = flatten_batch(v)
   if norm == "linf":
     return jnp.max(jnp.abs(v), axis=1)
   if norm == "l2":
@@ -118,7 +133,7 @@ def random_init(key: PRNGKey, x: ArrayLike, eps: ArrayLike, norm: str) -> Array:
     point = spacings[:, :dim] / jnp.sum(spacings, axis=1, keepdims=True)
     signs = jax.random.rademacher(k_sign, (batch, dim), x.dtype)
     delta = (point * signs).reshape(x.shape)
-  return jnp.clip(x + _per_example(eps, x) * delta, 0.0, 1.0)
+  return jnp.clip(x + broadcast_per_example(eps, x) * delta, 0.0, 1.0)
 
 
 def l1_topk_direction(grad: ArrayLike, sparsity: ArrayLike) -> Array:
@@ -136,7 +151,7 @@ def l1_topk_direction(grad: ArrayLike, sparsity: ArrayLike) -> Array:
     The direction, shaped like `grad`.
   """
   grad = jnp.asarray(grad)
-  flat = _flatten(grad)
+  flat = flatten_batch(grad)
   dim = flat.shape[1]
   magnitude = jnp.abs(flat)
   keep = jnp.clip(jnp.ceil(jnp.asarray(sparsity, flat.dtype) * dim), 1, dim).astype(jnp.int32)
@@ -172,7 +187,7 @@ def steepest_direction(grad: ArrayLike, norm: str, *,
   if norm == "linf":
     return jnp.sign(grad)
   if norm == "l2":
-    return grad / (_per_example(lp_norm(grad, "l2"), grad) + _TINY)
+    return grad / (broadcast_per_example(lp_norm(grad, "l2"), grad) + _TINY)
   return l1_topk_direction(grad, 0.0 if l1_sparsity is None else l1_sparsity)
 
 
@@ -182,7 +197,7 @@ def project_l1_ball(v: ArrayLike, eps: ArrayLike) -> Array:
   Sorting algorithm of Duchi et al. (2008); points already inside are kept.
   """
   v = jnp.asarray(v)
-  flat = _flatten(v)
+  flat = flatten_batch(v)
   dim = flat.shape[1]
   radius = jnp.broadcast_to(jnp.asarray(eps, flat.dtype), (flat.shape[0],))[:, None]
   magnitude = jnp.abs(flat)
@@ -207,7 +222,7 @@ def _project_l1_box(delta: Array, lower: Array, upper: Array, eps: Array) -> Arr
   leaves the box bound); sorting the 2d breakpoints gives f at each of them and
   lam by linear interpolation.
   """
-  z, lo, hi = _flatten(delta), _flatten(lower), _flatten(upper)
+  z, lo, hi = flatten_batch(delta), flatten_batch(lower), flatten_batch(upper)
   dim = z.shape[1]
   radius = jnp.broadcast_to(jnp.asarray(eps, z.dtype), (z.shape[0],))[:, None]
   magnitude = jnp.abs(z)
@@ -239,7 +254,7 @@ def _project_l1_box(delta: Array, lower: Array, upper: Array, eps: Array) -> Arr
 
 def _project_l2_box(delta: Array, lower: Array, upper: Array, eps: Array) -> Array:
   """Exact projection onto {||d||_2 <= eps} ∩ [lower, upper] by bisection on t."""
-  z, lo, hi = _flatten(delta), _flatten(lower), _flatten(upper)
+  z, lo, hi = flatten_batch(delta), flatten_batch(lower), flatten_batch(upper)
   radius = jnp.broadcast_to(jnp.asarray(eps, z.dtype), (z.shape[0],))
 
   def norm_at(t):
@@ -277,7 +292,7 @@ def project(x_adv: ArrayLike, x: ArrayLike, eps: ArrayLike, norm: str, *,
   x_adv, x = jnp.asarray(x_adv), jnp.asarray(x)
   delta = x_adv - x
   if norm == "linf":
-    radius = _per_example(eps, x)
+    radius = broadcast_per_example(eps, x)
     return jnp.clip(x + jnp.clip(delta, -radius, radius), 0.0, 1.0)
   if exact is None:
     exact = norm == "l1"
@@ -285,8 +300,8 @@ def project(x_adv: ArrayLike, x: ArrayLike, eps: ArrayLike, norm: str, *,
     project_box = _project_l2_box if norm == "l2" else _project_l1_box
     return jnp.clip(x + project_box(delta, -x, 1.0 - x, eps), 0.0, 1.0)
   if norm == "l2":
-    size = _per_example(lp_norm(delta, "l2"), x)
-    delta = delta * jnp.minimum(1.0, _per_example(eps, x) / (size + _TINY))
+    size = broadcast_per_example(lp_norm(delta, "l2"), x)
+    delta = delta * jnp.minimum(1.0, broadcast_per_example(eps, x) / (size + _TINY))
   else:
     delta = project_l1_ball(delta, eps)
   return jnp.clip(x + delta, 0.0, 1.0)

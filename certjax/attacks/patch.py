@@ -15,6 +15,12 @@ interpolation (pixel centres mapped onto the patch grid, edges clamped), which
 is differentiable in the patch and works with a traced side, so one compiled
 function covers every scale. Rotations are not applied.
 
+Checks: `train_patch` and `patch_success_rate` check shapes, settings and
+values (x finite and in [0, 1], labels in range) on eager calls; under
+`jit`/`vmap` the values only with `checked=True` (see
+`certjax.attacks.core`). `apply_patch`, the differentiable building block,
+checks shapes and `scale_range` only.
+
 References:
   Brown, Mane, Roy, Abadi, Gilmer. Adversarial Patch. 2017.
   Athalye, Engstrom, Ilyas, Kwok. Synthesizing Robust Adversarial Examples.
@@ -32,9 +38,10 @@ import optax
 from jax import lax
 
 from certjax.types import Array, ArrayLike, PRNGKey
-from certjax.validation import check_images, check_int_at_least, check_labels
+from certjax.validation import (check_images, check_int_at_least, check_labels,
+                                checkify_images, checkify_labels)
 from certjax.attacks import losses as losses_lib
-from certjax.attacks._core import as_oracle, logits_shape
+from certjax.attacks.core import as_oracle, logits_shape
 
 
 def _check_scale_range(scale_range: Sequence[float]) -> Tuple[float, float]:
@@ -114,7 +121,7 @@ def train_patch(key: PRNGKey, logits_fn: Any, x: ArrayLike, *, patch_size: int,
                 scale_range: Sequence[float] = (0.1, 0.25), num_steps: int = 500,
                 batch_size: Optional[int] = None,
                 optimizer: Optional[optax.GradientTransformation] = None,
-                init_patch: Optional[ArrayLike] = None) -> Array:
+                init_patch: Optional[ArrayLike] = None, checked: bool = False) -> Array:
   """Trains a universal adversarial patch over random placements and scales.
 
   Maximises the mean over a minibatch and random placements of
@@ -136,12 +143,20 @@ def train_patch(key: PRNGKey, logits_fn: Any, x: ArrayLike, *, patch_size: int,
       all N every step).
     optimizer: an optax optimiser (it minimises the negated objective).
     init_patch: starting patch (P, P, C); default uniform random.
+    checked: check traced x and y too, as `checkify` checks; the call must
+      then run under `certjax.attacks.checked` (or `checkify.checkify`).
+      False adds nothing to the program.
 
   Returns:
     The trained patch, shape (P, P, C), in [0, 1].
+
+  Raises:
+    ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
   check_images(x)
+  if checked:
+    checkify_images(x)
   num_examples, channels = np.shape(x)[0], np.shape(x)[-1]
   check_int_at_least(patch_size, "patch_size", 1)
   check_int_at_least(num_steps, "num_steps", 1)
@@ -153,6 +168,8 @@ def train_patch(key: PRNGKey, logits_fn: Any, x: ArrayLike, *, patch_size: int,
     if y is None:
       raise ValueError("An untargeted patch needs the true labels y; or give target_class.")
     check_labels(y, num_classes=num_classes, batch_size=num_examples)
+    if checked:
+      checkify_labels(y, num_classes=num_classes)
     y = jnp.asarray(y)
   elif not (isinstance(target_class, (int, np.integer)) and 0 <= target_class < num_classes):
     raise ValueError(
@@ -198,7 +215,7 @@ def train_patch(key: PRNGKey, logits_fn: Any, x: ArrayLike, *, patch_size: int,
 def patch_success_rate(key: PRNGKey, logits_fn: Any, x: ArrayLike, patch: ArrayLike, *,
                        target_class: Optional[int] = None, y: Optional[ArrayLike] = None,
                        scale_range: Sequence[float] = (0.1, 0.25),
-                       num_placements: int = 8) -> Array:
+                       num_placements: int = 8, checked: bool = False) -> Array:
   """Attack success rate of a patch over random placements and scales.
 
   Targeted: the fraction of (image, placement) pairs classified as
@@ -214,19 +231,30 @@ def patch_success_rate(key: PRNGKey, logits_fn: Any, x: ArrayLike, patch: ArrayL
     y: true labels (N,).
     scale_range: (low, high) area fraction, see `apply_patch`.
     num_placements: random placements per image.
+    checked: check traced x and y too, as `checkify` checks; the call must
+      then run under `certjax.attacks.checked` (or `checkify.checkify`).
+      False adds nothing to the program.
 
   Returns:
     Scalar success rate in [0, 1].
+
+  Raises:
+    ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
   check_images(x)
+  if checked:
+    checkify_images(x)
   check_int_at_least(num_placements, "num_placements", 1)
   _check_patch(patch, np.shape(x)[-1])
   if target_class is None and y is None:
     raise ValueError("An untargeted success rate needs the true labels y.")
   x, patch = jnp.asarray(x), jnp.asarray(patch)
   if y is not None:
-    check_labels(y, batch_size=x.shape[0])
+    num_classes = logits_shape(oracle, x)[-1]
+    check_labels(y, num_classes=num_classes, batch_size=x.shape[0])
+    if checked:
+      checkify_labels(y, num_classes=num_classes)
     y = jnp.asarray(y)
 
   def one_placement(k):

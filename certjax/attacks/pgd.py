@@ -13,6 +13,10 @@ The `make_*` factories validate a configuration once and return an
 `AttackFn`, `attack_fn(key, logits_fn, x, y, eps) -> x_adv`, the form
 `certjax.attacks.runner.robust_accuracy` takes.
 
+Input checks follow `certjax.attacks.core`: everything on eager calls; under
+`jit`/`vmap` the shapes, dtypes and settings, plus the values when
+`checked=True` (raised through `certjax.attacks.checked`).
+
 Wrap calls in `jax.jit` for repeated use; to avoid baking model weights into
 the compiled program as constants, pass the weights as arguments, e.g.
 `jax.tree_util.Partial(apply_fn, variables)` as `logits_fn`.
@@ -38,14 +42,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from certjax.types import Array, ArrayLike, PRNGKey
-from certjax.validation import check_choice, check_int_at_least, check_positive
+from certjax.validation import check_choice, check_int_at_least
 from certjax.attacks import losses as losses_lib
 from certjax.attacks.losses import Loss
 from certjax.attacks import norms
-from certjax.attacks._core import (GradientOracle, as_oracle, check_step_size,
-                                   validate_inputs)
+from certjax.attacks.core import (AttackFn, GradientOracle, as_oracle, bind_attack,
+                                  check_positive_arg, check_step_size, validate_inputs)
 
-AttackFn = Callable[[PRNGKey, Any, ArrayLike, ArrayLike, ArrayLike], Array]
 Schedule = Union[str, Callable[[Array], Array]]
 
 SCHEDULES = ("constant", "cosine", "step")
@@ -99,13 +102,13 @@ def iterative_attack(oracle: GradientOracle, key: PRNGKey, x: Array, y: Array,
   objective = _objective(loss, y, target)
   k_init, k_steps = jax.random.split(key)
   x_adv = norms.random_init(k_init, x, eps, norm) if random_start else x
-  alpha = norms._per_example(step_size, x)
+  alpha = norms.broadcast_per_example(step_size, x)
 
   def body(i, carry):
     x_adv, velocity = carry
     _, _, grad = oracle.value_and_grad(jax.random.fold_in(k_steps, i), x_adv, objective)
     if decay is not None:
-      l1 = norms._per_example(norms.lp_norm(grad, "l1"), grad)
+      l1 = norms.broadcast_per_example(norms.lp_norm(grad, "l1"), grad)
       velocity = decay * velocity + grad / (l1 + 1e-12)
       grad = velocity
     direction = norms.steepest_direction(grad, norm, l1_sparsity=l1_sparsity)
@@ -156,33 +159,35 @@ def _check_common(norm: str, loss: Any) -> None:
   losses_lib.get_loss(loss)
 
 
-def _loss_name(loss: Any) -> str:
-  return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
-
-
 def _check_pgd_config(norm, num_steps, step_size, rel_step_size, schedule,
-                      num_restarts, keep, loss, l1_sparsity) -> None:
+                      num_restarts, keep, loss, l1_sparsity, checked=False) -> None:
   _check_common(norm, loss)
   check_int_at_least(num_steps, "num_steps", 1)
   check_int_at_least(num_restarts, "num_restarts", 1)
-  check_step_size(step_size, rel_step_size)
+  check_step_size(step_size, rel_step_size, checked=checked)
   if not callable(schedule):
     check_choice(schedule, "schedule", SCHEDULES)
   check_choice(keep, "keep", KEEP)
   if l1_sparsity is not None:
-    check_positive(l1_sparsity, "l1_sparsity")
+    check_positive_arg(l1_sparsity, "l1_sparsity", checked=checked)
 
 
 def fgm(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
         eps: ArrayLike, norm: str = "linf", loss: Loss = "ce",
         target: Optional[ArrayLike] = None,
-        l1_sparsity: Optional[ArrayLike] = None) -> Array:
+        l1_sparsity: Optional[ArrayLike] = None, checked: bool = False) -> Array:
   """Fast Gradient Method: one steepest-ascent step of size eps.
 
   x_adv = clip(x + eps * u), u the unit steepest-ascent direction of the loss
   for the norm (sign of the gradient for 'linf' = FGSM, normalised gradient
   for 'l2', see `norms.steepest_direction` for 'l1'), then projected onto the
   ball ∩ [0, 1].
+
+  Checks: eager calls check shapes, dtypes, settings and values (x finite and
+  in [0, 1], eps finite and >= 0, y and target in [0, num_classes),
+  l1_sparsity > 0). Under `jit`/`vmap` the values are traced and only
+  shapes, dtypes and settings are checked, unless `checked=True`, which
+  checks the values in the compiled program (see `certjax.attacks.core`).
 
   Args:
     key: a `jax.random.key` (used by randomized oracles only).
@@ -196,13 +201,22 @@ def fgm(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     target: optional target labels (batch,) for a targeted attack.
     l1_sparsity: fraction of coordinates moved for 'l1' (None: the single
       steepest coordinate).
+    checked: check traced values too, as `checkify` checks; the call must
+      then run under `certjax.attacks.checked` (or `checkify.checkify`).
+      False adds nothing to the program.
 
   Returns:
     Adversarial images shaped like `x`.
+
+  Raises:
+    ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
   _check_common(norm, loss)
-  validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="fgm")
+  if l1_sparsity is not None:
+    check_positive_arg(l1_sparsity, "l1_sparsity", checked=checked)
+  validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="fgm",
+                  checked=checked)
   x, y = jnp.asarray(x), jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
   eps = jnp.asarray(eps, x.dtype)
@@ -214,9 +228,14 @@ def fgm(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
 
 def fgsm(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
          eps: ArrayLike, loss: Loss = "ce",
-         target: Optional[ArrayLike] = None) -> Array:
-  """FGSM (Goodfellow et al. 2015): `fgm` with the L-infinity norm."""
-  return fgm(key, logits_fn, x, y, eps=eps, norm="linf", loss=loss, target=target)
+         target: Optional[ArrayLike] = None, checked: bool = False) -> Array:
+  """FGSM (Goodfellow et al. 2015): `fgm` with the L-infinity norm.
+
+  Checks as in `fgm`: everything eagerly; under `jit`/`vmap` the values only
+  with `checked=True`.
+  """
+  return fgm(key, logits_fn, x, y, eps=eps, norm="linf", loss=loss, target=target,
+             checked=checked)
 
 
 def pgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
@@ -226,13 +245,20 @@ def pgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
         schedule: Schedule = "constant", num_restarts: int = 1,
         keep: str = "success", random_start: bool = True, loss: Loss = "ce",
         target: Optional[ArrayLike] = None,
-        l1_sparsity: ArrayLike = 0.05) -> Array:
+        l1_sparsity: ArrayLike = 0.05, checked: bool = False) -> Array:
   """Projected Gradient Descent (Madry et al. 2018) with restarts.
 
   A fixed number of steps (no early stopping), each
   x <- Proj(x + alpha_i * u(grad)), with u the norm's steepest-ascent
   direction and alpha_i = step_size * schedule(i). The final iterate of each
   restart is returned, the best restart per example chosen by `keep`.
+
+  Checks: eager calls check shapes, dtypes, settings and values (x finite and
+  in [0, 1], eps finite and >= 0, y and target in [0, num_classes),
+  step_size, rel_step_size and l1_sparsity > 0). Under `jit`/`vmap` the
+  values are traced and only shapes, dtypes and settings are checked, unless
+  `checked=True`, which checks the values in the compiled program (see
+  `certjax.attacks.core`).
 
   Args:
     key: a `jax.random.key`.
@@ -253,14 +279,21 @@ def pgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     loss: 'ce', 'cw', 'dlr' or a callable `loss(logits, labels, target=None)`.
     target: optional target labels (batch,) for a targeted attack.
     l1_sparsity: fraction of coordinates moved per step for 'l1'.
+    checked: check traced values too, as `checkify` checks; the call must
+      then run under `certjax.attacks.checked` (or `checkify.checkify`).
+      False adds nothing to the program.
 
   Returns:
     Adversarial images shaped like `x`, inside the eps-ball and [0, 1].
+
+  Raises:
+    ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
   _check_pgd_config(norm, num_steps, step_size, rel_step_size, schedule,
-                    num_restarts, keep, loss, l1_sparsity)
-  validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="pgd")
+                    num_restarts, keep, loss, l1_sparsity, checked)
+  validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="pgd",
+                  checked=checked)
   x, y = jnp.asarray(x), jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
   eps = jnp.asarray(eps, x.dtype)
@@ -280,11 +313,18 @@ def mi_fgsm(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
             rel_step_size: Optional[ArrayLike] = None,
             random_start: bool = False, loss: Loss = "ce",
             target: Optional[ArrayLike] = None,
-            l1_sparsity: ArrayLike = 0.05) -> Array:
+            l1_sparsity: ArrayLike = 0.05, checked: bool = False) -> Array:
   """Momentum Iterative FGSM (Dong et al. 2018).
 
   g <- decay * g + grad / ||grad||_1; x <- Proj(x + alpha * u(g)), with u the
   norm's steepest-ascent direction (sign for 'linf' as in the paper).
+
+  Checks: eager calls check shapes, dtypes, settings and values (x finite and
+  in [0, 1], eps and decay finite and >= 0, y and target in
+  [0, num_classes), step sizes and l1_sparsity > 0). Under `jit`/`vmap` the
+  values are traced and only shapes, dtypes and settings are checked, unless
+  `checked=True`, which checks the values in the compiled program (see
+  `certjax.attacks.core`).
 
   Args:
     key: a `jax.random.key`.
@@ -301,15 +341,22 @@ def mi_fgsm(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     loss: 'ce', 'cw' or 'dlr'.
     target: optional target labels for a targeted attack.
     l1_sparsity: fraction of coordinates moved per step for 'l1'.
+    checked: check traced values too, as `checkify` checks; the call must
+      then run under `certjax.attacks.checked` (or `checkify.checkify`).
+      False adds nothing to the program.
 
   Returns:
     Adversarial images shaped like `x`.
+
+  Raises:
+    ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
   _check_pgd_config(norm, num_steps, step_size, rel_step_size, "constant", 1,
-                    "success", loss, l1_sparsity)
-  check_positive(decay, "decay", allow_zero=True)
-  validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="mi_fgsm")
+                    "success", loss, l1_sparsity, checked)
+  check_positive_arg(decay, "decay", allow_zero=True, checked=checked)
+  validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="mi_fgsm",
+                  checked=checked)
   x, y = jnp.asarray(x), jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
   eps = jnp.asarray(eps, x.dtype)
@@ -321,20 +368,13 @@ def mi_fgsm(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
                           decay=jnp.asarray(decay, x.dtype), l1_sparsity=l1_sparsity)
 
 
-def _bind(attack: Callable[..., Array], name: str, **config: Any) -> AttackFn:
-  def attack_fn(key, logits_fn, x, y, eps):
-    return attack(key, logits_fn, x, y, eps=eps, **config)
-  attack_fn.__name__ = name
-  attack_fn.__qualname__ = name
-  attack_fn.config = dict(config)
-  return attack_fn
-
-
 def make_fgm(*, norm: str = "linf", loss: Loss = "ce",
              l1_sparsity: Optional[ArrayLike] = None) -> AttackFn:
   """`attack_fn(key, logits_fn, x, y, eps)` running `fgm` with this configuration."""
   _check_common(norm, loss)
-  return _bind(fgm, f"fgm-{norm}", norm=norm, loss=loss, l1_sparsity=l1_sparsity)
+  if l1_sparsity is not None:
+    check_positive_arg(l1_sparsity, "l1_sparsity")
+  return bind_attack(fgm, f"fgm-{norm}", norm=norm, loss=loss, l1_sparsity=l1_sparsity)
 
 
 def make_pgd(*, norm: str = "linf", num_steps: int = 10,
@@ -346,10 +386,11 @@ def make_pgd(*, norm: str = "linf", num_steps: int = 10,
   """`attack_fn(key, logits_fn, x, y, eps)` running `pgd` with this configuration."""
   _check_pgd_config(norm, num_steps, step_size, rel_step_size, schedule,
                     num_restarts, keep, loss, l1_sparsity)
-  return _bind(pgd, f"pgd{num_steps}-{_loss_name(loss)}", norm=norm, num_steps=num_steps,
-               step_size=step_size, rel_step_size=rel_step_size, schedule=schedule,
-               num_restarts=num_restarts, keep=keep, random_start=random_start,
-               loss=loss, l1_sparsity=l1_sparsity)
+  return bind_attack(pgd, f"pgd{num_steps}-{losses_lib.loss_name(loss)}", norm=norm,
+                     num_steps=num_steps, step_size=step_size,
+                     rel_step_size=rel_step_size, schedule=schedule,
+                     num_restarts=num_restarts, keep=keep, random_start=random_start,
+                     loss=loss, l1_sparsity=l1_sparsity)
 
 
 def make_mi_fgsm(*, norm: str = "linf", num_steps: int = 10, decay: float = 1.0,
@@ -360,7 +401,7 @@ def make_mi_fgsm(*, norm: str = "linf", num_steps: int = 10, decay: float = 1.0,
   """`attack_fn(key, logits_fn, x, y, eps)` running `mi_fgsm` with this configuration."""
   _check_pgd_config(norm, num_steps, step_size, rel_step_size, "constant", 1,
                     "success", loss, l1_sparsity)
-  check_positive(decay, "decay", allow_zero=True)
-  return _bind(mi_fgsm, f"mi-fgsm{num_steps}", norm=norm, num_steps=num_steps,
-               decay=decay, step_size=step_size, rel_step_size=rel_step_size,
-               random_start=random_start, loss=loss, l1_sparsity=l1_sparsity)
+  check_positive_arg(decay, "decay", allow_zero=True)
+  return bind_attack(mi_fgsm, f"mi-fgsm{num_steps}", norm=norm, num_steps=num_steps,
+                     decay=decay, step_size=step_size, rel_step_size=rel_step_size,
+                     random_start=random_start, loss=loss, l1_sparsity=l1_sparsity)

@@ -43,8 +43,7 @@ from certjax.types import Array, ArrayLike, PRNGKey
 from certjax.validation import check_choice, check_in_open_interval, check_int_at_least
 from certjax.attacks import losses as losses_lib
 from certjax.attacks import norms
-from certjax.attacks._core import as_oracle, validate_inputs
-from certjax.attacks.pgd import AttackFn, _bind
+from certjax.attacks.core import AttackFn, as_oracle, bind_attack, validate_inputs
 
 SQUARE_NORMS = ("linf", "l2")
 SQUARE_LOSSES = ("margin", "ce")
@@ -137,7 +136,7 @@ def _square_core(oracle: Any, key: PRNGKey, x: Array, y: Array,
                  target: Optional[Array], eps: Array, *, norm: str,
                  num_queries: int, p_init: float, loss: str) -> Tuple[Array, SquareInfo]:
   batch, height, width, channels = x.shape
-  radius = norms._per_example(eps, x)
+  radius = norms.broadcast_per_example(eps, x)
   sides = jnp.asarray(_side_lengths(p_init, height, width, norm))
   halvings = jnp.asarray(_P_HALVINGS)
   objective_fn = losses_lib.cw_margin if loss == "margin" else losses_lib.cross_entropy
@@ -156,7 +155,7 @@ def _square_core(oracle: Any, key: PRNGKey, x: Array, y: Array,
     delta = jnp.where(jnp.asarray(window_id >= 0)[None, :, :, None],
                       jnp.asarray(start, x.dtype)[None, :, :, None]
                       * signs[:, np.maximum(window_id, 0)], 0.0)
-    size = norms._per_example(norms.lp_norm(delta, "l2"), x)
+    size = norms.broadcast_per_example(norms.lp_norm(delta, "l2"), x)
     x_best = jnp.clip(x + radius * delta / (size + 1e-12), 0.0, 1.0)
     # Patterns for each phase's side, zero-padded to the largest side.
     sides_np = _side_lengths(p_init, height, width, norm)
@@ -181,8 +180,8 @@ def _square_core(oracle: Any, key: PRNGKey, x: Array, y: Array,
     mask1, top, left = _window_mask(k_win1, batch, height, width, side)
     mask2, _, _ = _window_mask(k_win2, batch, height, width, side)
     window_norm = _channel_l2(jnp.where(mask1, delta, 0.0))
-    image_norm = norms._per_example(norms.lp_norm(delta, "l2"), x)
-    windows_norm = norms._per_example(
+    image_norm = norms.broadcast_per_example(norms.lp_norm(delta, "l2"), x)
+    windows_norm = norms.broadcast_per_example(
         norms.lp_norm(jnp.where(mask1 | mask2, delta, 0.0), "l2"), x)
     local_r = jnp.arange(height)[None, :, None] - top[:, None, None]
     local_c = jnp.arange(width)[None, None, :] - left[:, None, None]
@@ -197,7 +196,7 @@ def _square_core(oracle: Any, key: PRNGKey, x: Array, y: Array,
                       + windows_norm ** 2)
     new = new / (_channel_l2(new) + 1e-12) * budget
     delta = jnp.where(mask1, new, jnp.where(mask2, 0.0, delta))
-    size = norms._per_example(norms.lp_norm(delta, "l2"), x)
+    size = norms.broadcast_per_example(norms.lp_norm(delta, "l2"), x)
     return jnp.clip(x + radius * delta / (size + 1e-12), 0.0, 1.0)
 
   def cond(state):
@@ -241,8 +240,15 @@ def square(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
            eps: ArrayLike, norm: str = "linf", num_queries: int = 5000,
            p_init: float = 0.8, loss: str = "margin",
            target: Optional[ArrayLike] = None,
-           return_info: bool = False) -> Union[Array, Tuple[Array, SquareInfo]]:
+           return_info: bool = False,
+           checked: bool = False) -> Union[Array, Tuple[Array, SquareInfo]]:
   """Square Attack, score-based black-box (Andriushchenko et al. 2020).
+
+  Checks: eager calls check shapes, dtypes, settings and values (x finite and
+  in [0, 1], eps finite and >= 0, y and target in [0, num_classes)). Under
+  `jit`/`vmap` the values are traced and only shapes, dtypes and settings
+  are checked, unless `checked=True`, which checks the values in the
+  compiled program (see `certjax.attacks.core`).
 
   Args:
     key: a `jax.random.key`.
@@ -260,13 +266,20 @@ def square(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
       success is always judged by the margin.
     target: optional target labels for a targeted attack.
     return_info: also return `SquareInfo` (queries per example, success).
+    checked: check traced values too, as `checkify` checks; the call must
+      then run under `certjax.attacks.checked` (or `checkify.checkify`).
+      False adds nothing to the program.
 
   Returns:
     Adversarial images shaped like `x` (and `SquareInfo` with return_info).
+
+  Raises:
+    ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
   _check_config(norm, num_queries, p_init, loss)
-  validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="square")
+  validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="square",
+                  checked=checked)
   x, y = jnp.asarray(x), jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
   x_adv, info = _square_core(oracle, key, x, y, target, jnp.asarray(eps, x.dtype),
@@ -279,5 +292,5 @@ def make_square(*, norm: str = "linf", num_queries: int = 5000, p_init: float = 
                 loss: str = "margin") -> AttackFn:
   """`attack_fn(key, logits_fn, x, y, eps)` running `square`."""
   _check_config(norm, num_queries, p_init, loss)
-  return _bind(square, "square", norm=norm, num_queries=num_queries, p_init=p_init,
-               loss=loss)
+  return bind_attack(square, "square", norm=norm, num_queries=num_queries,
+                     p_init=p_init, loss=loss)

@@ -1,5 +1,7 @@
 """Attack objectives: hand-computed values, class count from the logits."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,3 +79,12 @@ def test_is_successful_and_get_loss():
   assert losses.get_loss("dlr") is losses.dlr
   with pytest.raises(ValueError, match="Unknown loss 'xent'.*'ce', 'cw', 'dlr'"):
     losses.get_loss("xent")
+
+
+def test_loss_name():
+  def my_margin(logits, labels, target=None):
+    return losses.cw_margin(logits, labels, target)
+
+  assert losses.loss_name("dlr") == "dlr"
+  assert losses.loss_name(my_margin) == "my_margin"
+  assert losses.loss_name(functools.partial(losses.cw_margin, confidence=1.0)) == "custom"

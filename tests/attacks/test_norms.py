@@ -148,3 +148,14 @@ def test_projection_with_zero_eps_returns_the_clean_point():
 def test_unknown_norm_lists_the_accepted_ones():
   with pytest.raises(ValueError, match="'linf', 'l2', 'l1'.*Did you mean 'linf'"):
     norms.lp_norm(np.zeros((1, 2)), "linfty")
+
+
+def test_batch_helpers_broadcast_and_flatten_per_example():
+  like = jnp.zeros((3, 4, 4, 2), jnp.bfloat16)
+  scalar = norms.broadcast_per_example(0.5, like)
+  per_example = norms.broadcast_per_example(np.array([1.0, 2.0, 3.0]), like)
+  assert scalar.shape == () and scalar.dtype == jnp.bfloat16
+  assert per_example.shape == (3, 1, 1, 1) and per_example.dtype == jnp.bfloat16
+  np.testing.assert_array_equal((per_example * jnp.ones_like(like))[:, 3, 2, 1], [1, 2, 3])
+  v = np.arange(3 * 32, dtype=np.float32).reshape(3, 4, 4, 2)
+  np.testing.assert_array_equal(norms.flatten_batch(v), v.reshape(3, 32))

@@ -1,12 +1,18 @@
-"""Public entry points reject bad input with messages naming the problem."""
+"""Public entry points reject bad input with messages naming the problem.
+
+Eagerly always; under jit / vmap through the checked path
+(`checked=True` + `attacks.checked`).
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
-from certjax import attacks
+from certjax import attacks, validation
 from certjax.attacks import eot
+from tests.attacks.conftest import fast_jit
 
 KEY = jax.random.key(0)
 X = np.full((4, 7, 7, 1), 0.5, np.float32)
@@ -33,7 +39,8 @@ def test_common_input_errors(attack):
     call(norm="l3")
   bad = X.copy()
   bad[0, 0, 0, 0] = np.nan
-  with pytest.raises(ValueError, match="x contains 1 NaN or Inf value"):
+  with pytest.raises(ValueError, match=r"x contains 1 NaN and 0 Inf value\(s\) \(the first "
+                     r"in example 0\); images must be finite pixel values in \[0.0, 1.0\]"):
     call(x=bad)
   with pytest.raises(ValueError, match=r"x must lie in \[0.0, 1.0\] pixel space; got values in \[255, 255\]"):
     call(x=X * 510)
@@ -115,3 +122,133 @@ def test_runner_input_errors():
     run(y=Y[:3])
   with pytest.raises(ValueError, match=r"must lie in \[0, 9\] for 10 classes"):
     run(y=Y + 7)
+
+
+def test_check_images_reports_nan_and_inf_apart_from_the_range():
+  x = np.full((3, 2, 2, 1), 0.5, np.float32)
+  x[1, 0, 0, 0], x[2, 1, 0, 0], x[2, 1, 1, 0] = np.nan, np.inf, -np.inf
+  with pytest.raises(ValueError, match=r"x contains 1 NaN and 2 Inf value\(s\) \(the first in "
+                     r"example 1\); images must be finite pixel values in \[0.0, 1.0\]\.$"):
+    validation.check_images(x)
+  with pytest.raises(ValueError, match=r"images must be finite\.$"):
+    validation.check_images(x, value_range=None)
+  # With non-finite values allowed, the range applies to the finite values:
+  # no error here, and the finite extremes (not nan / inf) when out of range.
+  validation.check_images(x, require_finite=False)
+  x[0, 0, 0, 0] = 3.0
+  with pytest.raises(ValueError, match=r"got values in \[0.5, 3\]\."):
+    validation.check_images(x, require_finite=False)
+
+
+def checked_fast_jit(fn):
+  """`attacks.checked(jax.jit(fn))` for fast_jit, whose compiler options only a
+  top-level jit accepts: the checkify-outside form of the same thing."""
+  run = fast_jit(checkify.checkify(fn, errors=checkify.user_checks))
+
+  def call(*args):
+    error, out = run(*args)
+    error.throw()
+    return out
+  return call
+
+
+# Tiny configurations: the checked tests compile each attack twice (with and
+# without checks), and compile time dominates.
+CHECKED_ROWS = [
+    ("fgsm", attacks.fgsm, {}),
+    ("pgd", attacks.pgd, {"num_steps": 2}),
+    ("mi_fgsm", attacks.mi_fgsm, {"num_steps": 2}),
+    ("apgd", attacks.apgd, {"num_steps": 2}),
+    ("apgd_targeted", attacks.apgd_targeted, {"num_steps": 2, "num_target_classes": 2}),
+    ("square", attacks.square, {"num_queries": 3}),
+]
+
+
+@pytest.mark.parametrize("attack,config", [row[1:] for row in CHECKED_ROWS],
+                         ids=[row[0] for row in CHECKED_ROWS])
+def test_checked_path_raises_under_jit(attack, config):
+  def run(key, x, y, eps, checked):
+    return attack(key, model, x, y, eps=eps, checked=checked, **config)
+
+  unchecked = fast_jit(lambda *args: run(*args, checked=False))
+  safe = checked_fast_jit(lambda *args: run(*args, checked=True))
+  eps = np.float32(0.1)
+  nan = X.copy()
+  nan[2, 3, 4, 0] = np.nan
+  with pytest.raises(ValueError, match=r"x contains 1 NaN and 0 Inf value\(s\) \(the first "
+                     r"in example 2\); images must be finite pixel values in \[0.0, 1.0\]"):
+    safe(KEY, nan, Y, eps)
+  with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -0.1\."):
+    safe(KEY, X, Y, np.float32(-0.1))
+  with pytest.raises(ValueError, match=r"x must lie in \[0.0, 1.0\] pixel space; got values "
+                     r"in \[1.5, 1.5\]"):
+    safe(KEY, X * 3, Y, eps)
+  with pytest.raises(ValueError, match=r"y holds labels in \[7, 10\] but must lie in \[0, 9\]"):
+    safe(KEY, X, Y + 7, eps)
+  # Valid input: the checks leave the result alone, and the unchecked
+  # program still runs (and, unlike the checked one, lets NaN through).
+  np.testing.assert_array_equal(safe(KEY, X, Y, eps), unchecked(KEY, X, Y, eps))
+  assert not np.all(np.isfinite(unchecked(KEY, nan, Y, eps)))
+
+
+def test_checked_path_under_vmap_and_for_traced_settings():
+  def run(x, y, eps, step_size, rho, decay):
+    return (attacks.pgd(KEY, model, x, y, eps=eps, num_steps=1, step_size=step_size,
+                        checked=True),
+            attacks.apgd(KEY, model, x, y, eps=eps, num_steps=1, rho=rho, checked=True),
+            attacks.mi_fgsm(KEY, model, x, y, eps=eps, num_steps=1, decay=decay,
+                            checked=True))
+
+  safe = checked_fast_jit(jax.vmap(run, in_axes=(0, 0, 0, None, None, None)))
+  xs, ys = np.stack([X, X]), np.stack([Y, Y])
+  good = (np.float32(0.01), np.float32(0.75), np.float32(1.0))
+  pgd_x, _, _ = safe(xs, ys, np.array([0.1, 0.2], np.float32), *good)
+  assert pgd_x.shape == xs.shape
+  with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -0.2\."):
+    safe(xs, ys, np.array([0.1, -0.2], np.float32), *good)
+  with pytest.raises(ValueError, match=r"step_size must be a finite number > 0, got 0\."):
+    safe(xs, ys, np.array([0.1, 0.2], np.float32), np.float32(0.0), *good[1:])
+  with pytest.raises(ValueError, match=r"rho must lie in the open interval \(0.0, 1.0\), got 1\.5"):
+    safe(xs, ys, np.array([0.1, 0.2], np.float32), good[0], np.float32(1.5), good[2])
+  with pytest.raises(ValueError, match=r"decay must be a finite number >= 0, got nan"):
+    safe(xs, ys, np.array([0.1, 0.2], np.float32), *good[:2], np.float32(np.nan))
+  # A per-example eps names the offending example; the library's helper
+  # around a plain jax.jit.
+  per_example = attacks.checked(jax.jit(lambda eps: attacks.fgsm(KEY, model, X, Y, eps=eps,
+                                                                 checked=True)))
+  assert per_example(np.array([0.1, 0.2, 0.3, 0.4], np.float32)).shape == X.shape
+  with pytest.raises(ValueError, match=r"got -0.3 \(index 2\)"):
+    per_example(np.array([0.1, 0.2, -0.3, 0.4], np.float32))
+
+
+def test_checked_path_for_the_patch_entry_points():
+  train = checked_fast_jit(lambda x, y: attacks.train_patch(
+      KEY, model, x, y=y, patch_size=2, num_steps=1, checked=True))
+  rate = checked_fast_jit(lambda x, y: attacks.patch_success_rate(
+      KEY, model, x, np.full((2, 2, 1), 0.5, np.float32), y=y, num_placements=1,
+      checked=True))
+  nan = X.copy()
+  nan[1, 0, 0, 0] = np.nan
+  for fn in (train, rate):
+    assert np.isfinite(fn(X, Y)).all()
+    with pytest.raises(ValueError, match=r"x contains 1 NaN and 0 Inf value\(s\)"):
+      fn(nan, Y)
+    with pytest.raises(ValueError, match=r"x must lie in \[0.0, 1.0\] pixel space"):
+      fn(X - 1.0, Y)
+    with pytest.raises(ValueError, match=r"y holds labels in \[0, 12\] but must lie in \[0, 9\]"):
+      fn(X, Y * 4)
+
+
+def test_the_unchecked_path_adds_nothing_and_checked_needs_checkify():
+  def jaxpr(checked):
+    return str(jax.make_jaxpr(lambda x, y, eps: attacks.pgd(
+        KEY, model, x, y, eps=eps, num_steps=1, checked=checked))(X, Y, np.float32(0.1)))
+
+  assert " check[" not in jaxpr(False) and "is_finite" not in jaxpr(False)
+  assert " check[" in jaxpr(True)
+  # Staging checks without checkify is refused rather than silently dropped.
+  with pytest.raises(ValueError, match="not functionalized"):
+    jax.jit(lambda eps: attacks.fgsm(KEY, model, X, Y, eps=eps, checked=True))(0.1)
+  # Eagerly, checked=True needs no checkify: the NumPy checks run.
+  with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -0.1"):
+    attacks.fgsm(KEY, model, X, Y, eps=-0.1, checked=True)
