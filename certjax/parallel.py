@@ -16,16 +16,22 @@ Multi-host conventions used by every runner:
     selected evaluation images (`host_share`);
   * padding added to fill a batch or a share carries a mask and never counts;
   * per-example results are gathered once with `process_allgather` and only
-    process 0 (`is_main_process()`) writes files.
+    process 0 (`is_main_process()`) writes files;
+  * a process that fails says so (`report_failure`, which the launchers call)
+    and every other process prints its message and stops within seconds
+    (`start_failure_watchdog`, started by `initialize_distributed`).
 
 See launch/README.md for how to start such runs.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import socket
+import sys
+import threading
 import time
 from typing import Any, Mapping, NamedTuple
 
@@ -196,6 +202,8 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
   `CoordinatorUnreachableError` naming the address; once connected, JAX's
   `initialization_timeout` bounds the wait for the remaining processes (JAX
   then ends the process with DEADLINE_EXCEEDED after the message logged here).
+  Once connected, every process runs a failure watchdog
+  (`start_failure_watchdog`).
 
   Args:
     environ: the environment (default `os.environ`).
@@ -213,6 +221,7 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
     return False
   if jax.distributed.is_initialized():
     logging.info("jax.distributed is already initialized; not initializing again.")
+    start_failure_watchdog()
     return True
   # Cross-process collectives on CPU devices need an implementation; gloo
   # ships with jaxlib (it is the default from jax 0.5 on, set for older ones).
@@ -248,6 +257,183 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
         cluster_detection_method="deactivate")
   logging.info("Process %d of %d: %d local of %d devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+  start_failure_watchdog()
+  return True
+
+
+# ------------------------------------------------------------ failure broadcast
+#
+# Without this, a process that stops on an error leaves its peers blocked in a
+# collective or in jax.distributed's shutdown barrier until a timeout (minutes)
+# ends them with a C++ stack trace that does not mention the error. Instead,
+# the failing process writes its message into the coordination service's
+# key-value store (hosted by process 0) under one key per peer, and every
+# process has a daemon thread blocked on its own key that prints the message
+# and ends the process at once. Process 0 hosts the store, so before it exits
+# it waits (a few seconds at most) for the others to acknowledge.
+
+_FAILURE_KEY = "certjax/failure/{}"
+_ACK_KEY = "certjax/failure_ack/{}"
+_NORMAL_EXIT = ""  # the value that releases a process's own watchdog at exit
+ACK_TIMEOUT_S = 5.0
+EXIT_GRACE_S = 1.0
+
+
+class _WatchdogState:
+  """This process's watchdog: its thread and whether it already reports a failure."""
+  thread: threading.Thread | None = None
+  reporting = threading.Event()  # this process is failing: ignore peers' news
+  exiting = threading.Event()  # normal interpreter exit has begun
+
+
+def _distributed_client() -> Any:
+  """The coordination-service client of `jax.distributed`, or None.
+
+  jax (0.10) has no public API for the key-value store; `multihost_utils`
+  itself reaches it through `jax._src.distributed.global_state.client`.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
+def _await_acks(client: Any, process_ids: list[int], timeout_s: float) -> None:
+  """Waits up to `timeout_s` in all for each process in `process_ids` to acknowledge,
+  then a moment longer for them to exit."""
+  if not process_ids:
+    return
+  deadline = time.time() + timeout_s
+  for k in process_ids:
+    remaining_ms = int(1000 * (deadline - time.time()))
+    if remaining_ms <= 0:
+      break
+    try:
+      client.blocking_key_value_get(_ACK_KEY.format(k), remaining_ms)
+    except Exception:  # pylint: disable=broad-except
+      # A peer that cannot answer (blocked with the GIL held, or gone) must
+      # not keep this one alive: its own heartbeat ends it later.
+      pass
+  # A peer acknowledges just before its os._exit; if the service (this
+  # process) vanished in between, the peer's JAX client would abort it with a
+  # C++ stack trace instead.
+  time.sleep(EXIT_GRACE_S)
+
+
+def _exit_now(code: int) -> None:
+  """Ends the process at once, skipping jax.distributed's shutdown barrier."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def _watch(client: Any, process_index: int, process_count: int) -> None:
+  """The watchdog thread: blocks until a failure (or this process's exit) is announced."""
+  key = _FAILURE_KEY.format(process_index)
+  while True:
+    try:
+      # One day per call: the call only returns early when the key is set.
+      value = client.blocking_key_value_get(key, 24 * 3600 * 1000)
+      break
+    except Exception:  # pylint: disable=broad-except
+      # Timed out, or the service is shutting down or unreachable (then JAX's
+      # heartbeat reports it); keep listening unless the process is ending.
+      if _WatchdogState.exiting.is_set() or _WatchdogState.reporting.is_set():
+        return
+      time.sleep(1.0)
+  if value == _NORMAL_EXIT or _WatchdogState.reporting.is_set():
+    return
+  failing, _, message = value.partition(":")
+  print(f"certjax error on process {failing}: {message}", file=sys.stderr, flush=True)
+  try:
+    client.key_value_set(_ACK_KEY.format(process_index), "1", allow_overwrite=True)
+    if process_index == 0:
+      _await_acks(client, [k for k in range(1, process_count) if str(k) != failing],
+                  ACK_TIMEOUT_S)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  _exit_now(1)
+
+
+def _release_watchdog() -> None:
+  """At a normal exit: wakes this process's own watchdog so that it ends
+  before jax.distributed shuts its client down."""
+  thread = _WatchdogState.thread
+  if thread is None or not thread.is_alive():
+    return
+  _WatchdogState.exiting.set()
+  client = _distributed_client()
+  if client is None:
+    return
+  try:
+    client.key_value_set(_FAILURE_KEY.format(jax.process_index()), _NORMAL_EXIT,
+                         allow_overwrite=True)
+  except Exception:  # pylint: disable=broad-except
+    return
+  thread.join(timeout=ACK_TIMEOUT_S)
+
+
+def start_failure_watchdog() -> bool:
+  """Starts this process's failure watchdog (multi-process runs; idempotent).
+
+  A daemon thread waits for `report_failure` on any other process; it then
+  prints `certjax error on process <k>: <message>` to stderr and ends this
+  process with exit code 1, whatever its main thread is blocked in (a
+  collective, a barrier). `initialize_distributed` calls it.
+
+  Returns:
+    True when a watchdog runs (jax.distributed runs several processes).
+  """
+  client = _distributed_client()
+  if client is None or jax.process_count() == 1:
+    return False
+  if _WatchdogState.thread is None:
+    _WatchdogState.thread = threading.Thread(
+        target=_watch, args=(client, jax.process_index(), jax.process_count()),
+        name="certjax-failure-watchdog", daemon=True)
+    _WatchdogState.thread.start()
+    # atexit runs handlers last-registered first: this one runs before the
+    # handler jax registered at import, which shuts the client down.
+    atexit.register(_release_watchdog)
+  return True
+
+
+def is_multi_process() -> bool:
+  """True when jax.distributed runs this process as one of several."""
+  return _distributed_client() is not None and jax.process_count() > 1
+
+
+def report_failure(message: str) -> bool:
+  """Tells every other process of a multi-process run that this one failed.
+
+  Each peer's watchdog (`start_failure_watchdog`) prints
+  `certjax error on process <this process>: <message>` and exits with code 1.
+  On process 0, which hosts the coordination service, this waits (at most
+  `ACK_TIMEOUT_S` seconds) until the peers have read the message. The caller
+  should then end the process with `os._exit` rather than `sys.exit`: a normal
+  exit would wait in jax.distributed's shutdown barrier for peers that are gone.
+
+  Args:
+    message: what went wrong, one line preferably.
+
+  Returns:
+    False when this is not a multi-process run (nothing was sent).
+  """
+  if not is_multi_process():
+    return False
+  client = _distributed_client()
+  _WatchdogState.reporting.set()
+  me = jax.process_index()
+  peers = [k for k in range(jax.process_count()) if k != me]
+  try:
+    for k in peers:
+      client.key_value_set(_FAILURE_KEY.format(k), f"{me}:{message}", allow_overwrite=True)
+    if me == 0:
+      _await_acks(client, peers, ACK_TIMEOUT_S)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"certjax: could not tell the other processes about the failure ({e}); they "
+          "stop when JAX's heartbeat notices this process is gone.", file=sys.stderr)
   return True
 
 

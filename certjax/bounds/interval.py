@@ -106,21 +106,29 @@ def linf_ball(x: ArrayLike, eps: ArrayLike,
     `Interval(max(x - eps, low), min(x + eps, high))`.
 
   Raises:
-    ValueError: if `eps` is negative or not finite, or `x` lies outside `clip`.
+    ValueError: if `eps` is negative or not finite, or `x` holds NaN or Inf
+      or lies outside `clip` (checked when `x` is concrete, not under `jit`).
   """
   validation.check_positive(eps, "eps", allow_zero=True)
-  if clip is not None:
-    low, high = clip
-    if not low <= high:
-      raise ValueError(f"clip must be a (low, high) pair with low <= high, got {clip!r}.")
-    if validation.is_concrete(x):
-      values = np.asarray(x)
-      if values.size and (np.nanmin(values) < low or np.nanmax(values) > high
-                          or np.any(np.isnan(values))):
-        raise ValueError(
-            f"x must lie in [{low}, {high}] (pixel space); got values in "
-            f"[{float(np.nanmin(values)):.4g}, {float(np.nanmax(values)):.4g}]. "
-            "Pass unnormalised images: models normalise internally.")
+  if clip is not None and not clip[0] <= clip[1]:
+    raise ValueError(f"clip must be a (low, high) pair with low <= high, got {clip!r}.")
+  if validation.is_concrete(x):
+    values = np.asarray(x)
+    # Before the range check: NaN passes every comparison, and the range
+    # message would then print the finite values' range as if it were fine.
+    # (ml_dtypes' bfloat16 is no np.inexact subtype, hence the test on integers.)
+    bad = None if values.dtype.kind in "biu" else ~np.isfinite(values)
+    if bad is not None and bad.any():
+      first = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+          f"x must be finite; got {int(np.isnan(values).sum())} NaN and "
+          f"{int(np.isinf(values).sum())} Inf of its {values.size} values (the first at "
+          f"index {first}: {values[first]}).")
+    if clip is not None and values.size and (values.min() < clip[0] or values.max() > clip[1]):
+      raise ValueError(
+          f"x must lie in [{clip[0]}, {clip[1]}] (pixel space); got values in "
+          f"[{float(values.min()):.4g}, {float(values.max()):.4g}]. "
+          "Pass unnormalised images: models normalise internally.")
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)

@@ -296,9 +296,11 @@ def _tfds_names(tfds) -> list[str]:
 
 
 def unknown_name_error(name: str) -> ValueError:
-  names = _tfds_names(import_tfds())
-  close = difflib.get_close_matches(
-      name, names + [config_lib.EMBEDDED_NAME, *config_lib.IDX_NAMES], n=3)
+  """The error for a data set name that is neither built in nor known to TFDS."""
+  names = [config_lib.EMBEDDED_NAME, *config_lib.IDX_NAMES, *_tfds_names(import_tfds())]
+  # 'mnist' and 'fashion_mnist' are both IDX names and TFDS builders: without
+  # dict.fromkeys the hint could offer one name twice.
+  close = difflib.get_close_matches(name, list(dict.fromkeys(names)), n=3)
   hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
   return ValueError(
       f"Unknown data set name {name!r}. Accepted names: {config_lib.accepted_names_text()}."

@@ -35,6 +35,20 @@ def test_linf_ball_clips_to_pixel_range():
   np.testing.assert_array_equal(zero.lower, zero.upper)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_non_finite_centre_is_reported_as_such(dtype):
+  # NaN passes every comparison: it used to be reported as out of [0, 1]
+  # with a range of finite values, "got values in [0, 1]".
+  x = jnp.array([[0.0, jnp.nan, 1.0, 0.5]], dtype)
+  with pytest.raises(ValueError, match=r"x must be finite; got 1 NaN and 0 Inf of its 4 "
+                     r"values \(the first at index \(0, 1\): nan\)"):
+    linf_ball(x, 0.1)
+  with pytest.raises(ValueError, match="got 1 NaN and 2 Inf"):
+    linf_ball(x.at[0, 2:].set(jnp.inf), 0.1, clip=None)
+  with pytest.raises(ValueError, match="got 0 NaN and 1 Inf"):
+    linf_ball(jnp.array([-jnp.inf, 0.5], dtype), 0.1)
+
+
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
     linf_ball(jnp.zeros(3), -0.1)

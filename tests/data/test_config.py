@@ -73,3 +73,15 @@ def test_bad_field_values(field, value, fragment):
 def test_not_a_config():
   with pytest.raises(TypeError, match="ConfigDict"):
     data.validate_data_config("mnist")
+
+
+def test_unknown_name_hint_names_each_data_set_once(monkeypatch):
+  from certjax.data import sources  # pylint: disable=g-import-not-at-top
+  # TFDS knows 'mnist' too: offered once, not "'mnist' or 'mnist' or 'kmnist'".
+  monkeypatch.setattr(sources, "import_tfds", lambda: None)  # saves a second of import
+  monkeypatch.setattr(sources, "_tfds_names", lambda tfds: ["mnist", "kmnist", "cifar10"])
+  msg = str(sources.unknown_name_error("mnsit"))
+  hint = msg.split("Did you mean ", 1)[1].rstrip("?")
+  offered = hint.split(" or ")
+  assert offered[0] == "'mnist'" and "'kmnist'" in offered
+  assert len(offered) == len(set(offered)), msg

@@ -2,6 +2,8 @@
 and 8 forced CPU devices against 1 device."""
 
 import os
+import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -34,11 +36,72 @@ def test_launch_train_prints_accuracy(tmp_path):
   assert "img/s" in proc.stderr and "ETA" in proc.stderr
 
 
-def test_launch_rejects_config_typo(tmp_path):
-  proc = run_python(["-m", "launch.train", *TINY, "--config.optimizer.learnig_rate=0.1",
+# The launch modules that are programs (helpers such as common.py are not).
+LAUNCHERS = sorted(p.stem for p in pathlib.Path(ROOT, "launch").glob("*.py")
+                   if "app.run(" in p.read_text())
+
+
+@pytest.mark.parametrize("launcher, path, parent, key, suggestion", [
+    ("train", "optimizer.learnig_rate", "config.optimizer", "learnig_rate", "learning_rate"),
+    ("train", "optimzer.learning_rate", "config", "optimzer", "optimizer"),
+    # An abbreviation difflib alone would not match.
+    ("attack", "attack.eps", "config.attack", "eps", "eps_list"),
+])
+def test_launch_rejects_config_typo_in_one_line(tmp_path, launcher, path, parent, key,
+                                                suggestion):
+  # Overrides are resolved while absl parses the flags, before main: this
+  # used to end in a 55-line ml_collections traceback (a bare
+  # `AttributeError: "'eps'"` for the attack).
+  proc = run_python(["-m", f"launch.{launcher}", *TINY, f"--config.{path}=0.1",
                      f"--workdir={tmp_path}"], timeout=120)
-  assert proc.returncode != 0
-  assert "learnig_rate" in proc.stderr
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  line = lines[0]
+  assert line.startswith(f"certjax error: --config.{path}: {parent} has no key {key!r}. "
+                         f"Did you mean {suggestion!r}? Accepted keys of {parent}: "), line
+  accepted = line.split(f"Accepted keys of {parent}: ", 1)[1].rstrip(".").split(", ")
+  assert suggestion in accepted and key not in accepted and len(accepted) > 3, line
+  assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_override_error_walks_the_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from launch import common  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({
+      "optimizer": {"learning_rate": 0.1, "warmup_steps": 0}, "steps": 3,
+      "eps_list": (0.1, 0.3), "kwargs": None})
+  for valid in ("optimizer.learning_rate", "steps", "eps_list", "eps_list[0]", "kwargs.x"):
+    assert common.override_error(config, valid) is None, valid
+  assert common.override_error(config, "optimizer.warmup") == (
+      "--config.optimizer.warmup: config.optimizer has no key 'warmup'. Did you mean "
+      "'warmup_steps'? Accepted keys of config.optimizer: learning_rate, warmup_steps.")
+  assert common.override_error(config, "steps.x") == (
+      "--config.steps.x: config.steps is 3 (int), not a group of keys, so it has no key 'x'.")
+  assert "Did you mean" not in common.override_error(config, "zzz")
+
+
+def test_launch_names_a_missing_config_file(tmp_path):
+  proc = run_python(["-m", "launch.train", "--config=configs/mnist5kk.py",
+                     f"--workdir={tmp_path}"], timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [(
+      f"certjax error: --config=configs/mnist5kk.py: no config file 'configs/mnist5kk.py' "
+      f"(from {ROOT}). Did you mean 'configs/mnist5k.py'?")]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launcher_help_lists_its_flags(launcher):
+  # absl's --help lists the main module's key flags only; the flags are
+  # defined in launch/common.py, so they used to show under --helpfull alone.
+  proc = run_python(["-m", f"launch.{launcher}", "--help"], timeout=120)
+  assert proc.returncode == 1 and not proc.stderr, proc.stderr[-3000:]  # absl's --help exit
+  flags_part = proc.stdout.split("\nflags:\n", 1)[-1]
+  assert re.search(r"^  --config: \S", flags_part, re.M), proc.stdout[-3000:]
+  assert re.search(r"^  --workdir: \S", flags_part, re.M), proc.stdout[-3000:]
+  text = " ".join(flags_part.split())  # absl wraps the help lines
+  assert "Override any of its keys with --config.<key>=<value>" in text
+  assert "--[no]traceback: Show the full Python traceback" in text
 
 
 def test_launch_reports_unknown_dataset_in_one_line(tmp_path):
