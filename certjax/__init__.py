@@ -1,29 +1,19 @@
 """certjax: train, attack and certify neural networks in JAX.
 
-Subpackages (imported on first use, so `import certjax` stays light):
-  data: data sets by name (embedded MNIST-5k, TFDS via grain, IDX directories).
-  models: Flax models by name; `models.make_logits_fn(model, variables)` gives
-    the pure `logits_fn` every algorithm takes.
-  training: `train_and_evaluate(config, workdir)`, the objectives registry,
-    checkpoints; `load_trained(workdir)`.
-  parallel: the device mesh and shardings.
-  validation: input checks with clear errors.
+Import the subpackage you need (`import certjax` alone imports nothing else,
+so it stays light); layers from the top, each importing only those below it
+(import-linter checks this, see pyproject.toml):
+
+  training: `train_and_evaluate(config, workdir)`, objectives, the run config.
+  evaluation: evaluators by name (robust, verified, certified accuracy),
+    `evaluate_workdir`, result readers and plots.
+  runs: workdirs (config.json, checkpoints restored onto the current mesh),
+    atomic result files, progress lines.
+  attacks, bounds, smoothing: the algorithms, pure functions of a `logits_fn`.
+  models, data: Flax models and data sets by name;
+    `models.make_logits_fn(model, variables)` gives the pure `logits_fn`.
+  parallel: the device mesh, shardings, multi-host start-up.
+  validation, types: input checks with clear errors, type aliases.
 """
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
-
-_SUBPACKAGES = ("attacks", "bounds", "data", "models", "parallel", "smoothing",
-                "training", "types", "validation")
-
-
-def __getattr__(name: str) -> Any:
-  if name in _SUBPACKAGES:
-    return importlib.import_module(f"certjax.{name}")
-  raise AttributeError(f"module 'certjax' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted([*globals(), *_SUBPACKAGES])

@@ -9,15 +9,20 @@ Command:
 Expected result: clean test accuracy about 97% on the 1,000 test digits
 (measured 96.9%, seed 0). Runtime: 27 s wall on 2 idle CPU cores, including
 start-up and compilation (25 epochs, 1,000 steps of batch 100).
+
+`get_config('smoke')` (`--config=configs/mnist5k.py:smoke`) shrinks it to
+seconds (`certjax.training.config.make_smoke`): what the tests run.
 """
 
 import ml_collections
 
-from certjax.training.config import base_config
+from certjax.training.config import base_config, make_smoke, split_smoke_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  rest, smoke = split_smoke_arg(arg)
+  if rest:
+    raise ValueError(f"configs/mnist5k.py takes no argument but 'smoke'; got {arg!r}.")
   config = base_config()
   config.data.name = "mnist5k"
   config.model.name = "ibp_small"
@@ -29,4 +34,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.schedule = "cosine"
   config.log_every_steps = 100
   config.checkpoint_every_steps = 250
-  return config
+  return make_smoke(config) if smoke else config

@@ -7,7 +7,8 @@ then a linear ramp over 40% while kappa goes from 1 to 0.5), Adam 1e-3.
 
 `get_config('tiny')` (`--config=configs/mnist5k_ibp.py:tiny`) uses Gowal et
 al.'s 'tiny' model instead, one hidden layer of 100 ReLUs (an MLP), small
-enough for full CROWN; the tests use it.
+enough for full CROWN; `get_config('tiny,smoke')` trains it for 200 steps
+only, as the tests do.
 
 Commands:
     python -m launch.train --config=configs/mnist5k_ibp.py --workdir=/tmp/certjax/mnist5k_ibp
@@ -23,12 +24,14 @@ at about 8 steps/s) and 15 s to verify.
 
 import ml_collections
 
-from certjax.training.config import base_config
+from certjax.training.config import base_config, make_smoke, split_smoke_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "small", "tiny"):
-    raise ValueError(f"configs/mnist5k_ibp.py takes 'small' (default) or 'tiny', got {arg!r}.")
+  arg, smoke = split_smoke_arg(arg)
+  if arg not in ("", "small", "tiny"):
+    raise ValueError(f"configs/mnist5k_ibp.py takes 'small' (default) or 'tiny' (and "
+                     f"',smoke'), got {arg!r}.")
   config = base_config()
   config.data.name = "mnist5k"
   if arg == "tiny":
@@ -52,4 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 400
   config.verify.eps_list = (0.1,)
   config.verify.batch_size = 500
+  if smoke:
+    model = ml_collections.ConfigDict(config.model)
+    make_smoke(config)
+    config.model = model  # the IBP model (or 'tiny' MLP) is what is being tested
+    config.num_train_steps = 200
   return config

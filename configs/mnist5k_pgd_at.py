@@ -5,7 +5,8 @@ L-infinity PGD at eps = 0.3 (Madry et al.'s MNIST radius) with 7 steps of
 2.5 / 7 * eps from a random start, eps ramped linearly from 0 over the first 30%
 of the steps. `get_config('trades')` and `get_config('fast_at')` train the
 same model with TRADES (beta 6) or FGSM with random start (Wong et al. 2020)
-instead.
+instead. Add ',smoke' (e.g. `get_config('trades,smoke')`) for a run of
+seconds (`certjax.training.config.make_smoke`), as the tests do.
 
 Commands:
     python -m launch.train --config=configs/mnist5k_pgd_at.py --workdir=/tmp/certjax/m5k_at
@@ -27,14 +28,14 @@ time, 400 steps of 8 forward/backward passes each); the attack evaluation
 import ml_collections
 
 from certjax import validation
-from certjax.attacks import training as adversarial_training
-from certjax.training.config import base_config
-from certjax.training.objectives import objective_defaults
+from certjax.training.config import base_config, make_smoke, split_smoke_arg
+from certjax.training.objectives import adversarial, objective_defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg, smoke = split_smoke_arg(arg)
   name = validation.check_choice(arg or "pgd_at", "adversarial-training objective",
-                                 adversarial_training.OBJECTIVE_NAMES)
+                                 adversarial.OBJECTIVE_NAMES)
   config = base_config()
   config.data.name = "mnist5k"
   config.model.name = "ibp_small"
@@ -56,4 +57,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.attack.eps_list = (0.1, 0.2, 0.3)
   config.attack.attacks = ("fgsm", "pgd", "apgd_ce")
   config.attack.num_steps = 40
-  return config
+  return make_smoke(config) if smoke else config

@@ -22,15 +22,20 @@ Runtime: about 2 minutes for both commands together on 2 CPU cores shared
 with other jobs (load average 4-5): training 1,000 steps of batch 100 (25
 epochs) about 60 s including start-up and compilation, certification 0.67 s
 per image (about 70 s for 100 images).
+
+`get_config('smoke')` shrinks it to seconds (`certjax.training.config.make_smoke`).
 """
 
 import ml_collections
 
+from certjax.training.config import make_smoke, split_smoke_arg
 from configs import mnist5k
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  rest, smoke = split_smoke_arg(arg)
+  if rest:
+    raise ValueError(f"configs/mnist5k_smoothing.py takes no argument but 'smoke'; got {arg!r}.")
   config = mnist5k.get_config()  # the same model, data and schedule as the quickstart
   config.objective = {"name": "gaussian", "sigma": 0.25, "num_noise": 1}
   config.skip = 10
@@ -38,4 +43,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 250 rather than Cohen's 1000: faster on CPU (see certjax/smoothing/config.py);
   # raise it on a GPU. Certificates do not depend on it.
   config.certify.batch_size = 250
-  return config
+  return make_smoke(config) if smoke else config

@@ -54,16 +54,15 @@ import math
 import ml_collections
 
 from certjax import validation
-from certjax.attacks import training as adversarial_training
 from certjax.training.config import base_config
-from certjax.training.objectives import objective_defaults
+from certjax.training.objectives import adversarial, objective_defaults
 
 NUM_TRAIN = 60_000
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   name = validation.check_choice(arg or "pgd_at", "adversarial-training objective",
-                                 adversarial_training.OBJECTIVE_NAMES)
+                                 adversarial.OBJECTIVE_NAMES)
   config = base_config()
   config.data.name = "mnist"
   config.data.manual_dir = "../shared/data/mnist"

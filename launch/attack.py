@@ -4,7 +4,7 @@ r"""Robust accuracy of a model trained by launch/train.py, per attack and eps.
         --workdir=/tmp/certjax/mnist5k_pgd_at
 
 Use the config the model was trained with; the attack settings are
-`config.attack.*` (see certjax/attacks/config.py) and the images every
+`config.attack.*` (see certjax/evaluation/robust.py) and the images every
 `config.skip`-th of the split below index `config.max` (-1: all), e.g.
 `--config.attack.attacks='("pgd","autoattack")' --config.attack.eps_list='(0.1,0.3)'
 --config.skip=10 --config.max=1000`. Writes <workdir>/attack/results.json and
@@ -13,25 +13,21 @@ results.md and prints the table.
 Multi-host: start the same command in every process (see launch/README.md);
 each host attacks only its share of the images and process 0 writes the
 gathered results.
+
+The same as `python -m launch.evaluate --evaluator=robust`.
 """
 
 from absl import app, flags
 
 from launch import common
+from launch import run_evaluator
 
 FLAGS = flags.FLAGS
 common.define_config_and_workdir(
-    "Config file (the training config).",
+    "Config file (the training config, with its attack section).",
     "Workdir of the training run (checkpoints/, config.json).")
 
-
-def main(argv):
-  common.start(argv)
-  from certjax.attacks.attack_run import run_attacks  # pylint: disable=g-import-not-at-top
-
-  result = common.run_reporting_errors(lambda: run_attacks(FLAGS.config, FLAGS.workdir))
-  print(result.table(), flush=True)
-
+main = run_evaluator.main_for("robust")
 
 if __name__ == "__main__":
   app.run(main)

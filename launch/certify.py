@@ -15,43 +15,28 @@ and the paths are printed.
 Certification settings live in the config's `certify` section, e.g.
 `--config.certify.n=10000 --config.certify.sigma=0.5 --config.certify.batch_size=400`;
 `certify.sigma=-1` (the default) uses the training objective's sigma. See
-certjax/smoothing/config.py for every field. Re-running an interrupted run
+certjax/evaluation/certified.py (`default_config`) for every field. Re-running an interrupted run
 with the same settings resumes after the last image written.
 
 Multi-host: start the same command in every process (see launch/README.md);
 each host certifies its share of every group of `certify.images_per_call`
 images on its own devices, and process 0 writes the gathered certificates.
 They do not depend on the number of devices or hosts.
+
+The same as `python -m launch.evaluate --evaluator=certified`.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import common
+from launch import run_evaluator
 
 FLAGS = flags.FLAGS
 common.define_config_and_workdir(
-    "Configuration file (training + certify).",
-    "The training run's workdir (holds checkpoints/).")
+    "Config file (the training config, with its certify section).",
+    "Workdir of the training run (checkpoints/, config.json).")
 
-
-def main(argv):
-  common.start(argv)
-  from certjax.smoothing import certify_run  # pylint: disable=g-import-not-at-top
-
-  run = common.run_reporting_errors(
-      lambda: certify_run.run_certification(FLAGS.config, FLAGS.workdir))
-  s = run.summary
-  lines = [
-      f"Certified accuracy (sigma={run.sigma:g}, {s.num_examples} images, "
-      f"{s.mean_time:.3f} s/image):",
-      run.table,
-      f"TSV:     {run.tsv_path}",
-      f"Summary: {run.summary_path} (JSON: {run.json_path})",
-      f"Plot:    {run.plot_path}",
-  ]
-  logging.info("Certification written to %s", run.tsv_path)
-  print("\n".join(lines), flush=True)
-
+main = run_evaluator.main_for("certified")
 
 if __name__ == "__main__":
   app.run(main)

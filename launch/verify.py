@@ -14,27 +14,21 @@ Multi-host: start the same command in every process (see launch/README.md);
 bounds run data-parallel over all devices of all hosts, each host reading
 only its share of the images; `verify.batch_size` is global, and process 0
 writes the results.
+
+The same as `python -m launch.evaluate --evaluator=verified`.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import common
+from launch import run_evaluator
 
 FLAGS = flags.FLAGS
 common.define_config_and_workdir(
-    "Configuration file (the training config).",
-    "Training workdir holding checkpoints/.")
+    "Config file (the training config, with its verify section).",
+    "Workdir of the training run (checkpoints/, config.json).")
 
-
-def main(argv):
-  common.start(argv)
-  from certjax.bounds import verify_run  # pylint: disable=g-import-not-at-top
-
-  result = common.run_reporting_errors(
-      lambda: verify_run.run_verification(FLAGS.config, FLAGS.workdir))
-  logging.info("Wrote %s and %s", result.json_path, result.table_path)
-  print(result.table, flush=True)
-
+main = run_evaluator.main_for("verified")
 
 if __name__ == "__main__":
   app.run(main)

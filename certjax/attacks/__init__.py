@@ -23,6 +23,7 @@ Modules:
   square: Square attack (score-based black box).
   eot: Expectation over Transformation oracles.
   patch: adversarial patch training, application and evaluation.
+  trades: TRADES' inner maximisation (the 'trades' training objective's attack).
   runner: AutoAttack-style robust accuracy over radii.
 
 The package namespace holds the attack functions, so `certjax.attacks.pgd`,
@@ -43,6 +44,7 @@ from certjax.attacks.pgd import fgm, fgsm, make_fgm, make_mi_fgsm, make_pgd, mi_
 from certjax.attacks.runner import (EpsResult, PerturbationError, RobustAccuracyResult,
                                     check_perturbation, robust_accuracy, standard_attacks)
 from certjax.attacks.square import SquareInfo, make_square, square
+from certjax.attacks.trades import kl_divergence, trades_attack
 
 __all__ = [
     "AttackFn", "DeterministicOracle", "EOT", "EpsResult", "GradientOracle", "NORMS",
@@ -52,5 +54,5 @@ __all__ = [
     "fgsm", "losses", "lp_norm", "make_apgd", "make_apgd_targeted", "make_fgm",
     "make_mi_fgsm", "make_pgd", "make_square", "mi_fgsm", "norms", "patch_success_rate",
     "pgd", "project", "random_init", "robust_accuracy", "square", "standard_attacks",
-    "steepest_direction", "train_patch",
+    "steepest_direction", "kl_divergence", "trades_attack", "train_patch",
 ]

@@ -35,16 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from certjax import parallel
-from certjax.parallel import DATA_AXIS
-
 from certjax.types import ArrayLike, PRNGKey
 from certjax.validation import (check_choice, check_finite_scalar, check_images,
                                 check_int_at_least, check_labels, check_positive)
 from certjax.attacks import norms
-from certjax.attacks._core import as_oracle, logits_shape
+from certjax.attacks.core import as_oracle, logits_shape
 from certjax.attacks.apgd import make_apgd, make_apgd_targeted
-from certjax.attacks.pgd import AttackFn
+from certjax.attacks.core import AttackFn
 from certjax.attacks.square import SQUARE_NORMS, make_square
 
 
@@ -171,38 +168,69 @@ def check_perturbation(x: ArrayLike, x_adv: ArrayLike, eps: float, norm: str, *,
   return sizes
 
 
-# The compiler used for attacks and predictions (tests swap in one with cheaper
-# XLA optimisation settings).
-_jit = jax.jit
+@functools.lru_cache(maxsize=None)
+def _bound_partial(func: Callable[..., Any], keywords: Tuple[Tuple[str, Any], ...]
+                   ) -> functools.partial:
+  # One object per (function, static keywords): jit caches key on the pytree
+  # structure of the model, which includes this function, so repeated calls
+  # (e.g. evaluation during training) reuse their compiled programs.
+  return functools.partial(func, **dict(keywords))
 
 
-def _as_pytree_model(model: Any) -> Any:
+def as_pytree_model(model: Any) -> Any:
   """`functools.partial(apply, variables, **static)` -> `Partial` with variables as data.
 
   `certjax.models.make_logits_fn` returns such a partial; making its array
   arguments pytree leaves lets the compiled attacks take the weights as inputs
-  instead of embedding them in the program as constants.
+  instead of embedding them in the program as constants. Anything else is
+  returned unchanged.
   """
   if (isinstance(model, functools.partial) and not isinstance(model, jax.tree_util.Partial)
       and model.args and all(isinstance(leaf, (jax.Array, np.ndarray))
                              for leaf in jax.tree.leaves(model.args))):
-    return jax.tree_util.Partial(functools.partial(model.func, **model.keywords), *model.args)
+    try:
+      func = _bound_partial(model.func, tuple(sorted(model.keywords.items())))
+    except TypeError:  # unhashable keyword values
+      func = functools.partial(model.func, **model.keywords)
+    return jax.tree_util.Partial(func, *model.args)
   return model
 
 
-def _jit_with_model(fn: Callable[..., Any], model: Any) -> Callable[..., Any]:
+@functools.lru_cache(maxsize=256)
+def _compiled(fn: Callable[..., Any], options: Tuple[Tuple[str, Any], ...]) -> Callable[..., Any]:
+  """jit of `fn(model, *args)`, one per (fn, compiler options)."""
+  return jax.jit(fn, compiler_options=dict(options) or None)
+
+
+def _jit_with_model(fn: Callable[..., Any], model: Any,
+                    options: Tuple[Tuple[str, Any], ...]) -> Callable[..., Any]:
   """jit `fn(model, *args)`; a `jax.tree_util.Partial` model is passed as data."""
-  model = _as_pytree_model(model)
+  model = as_pytree_model(model)
   if isinstance(model, jax.tree_util.Partial):
-    jitted = _jit(fn)
+    jitted = _compiled(fn, options)
     return lambda *args: jitted(model, *args)
-  return _jit(lambda *args: fn(model, *args))
+  return jax.jit(lambda *args: fn(model, *args), compiler_options=dict(options) or None)
 
 
-def _check_data_mesh(mesh: Mesh) -> None:
-  if DATA_AXIS not in mesh.shape:
-    raise ValueError(f"mesh must have a {DATA_AXIS!r} axis (certjax.parallel.make_mesh or "
-                     f"local_mesh); got axes {tuple(mesh.shape)}.")
+def _predict_fn(model: Any, xb: Any) -> Any:
+  return jnp.argmax(as_oracle(model).logits(jax.random.key(0), xb), -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _attack_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+  # One wrapper per attack function, so `_compiled` finds it again.
+  def call(model, key, xb, yb, eps):
+    return fn(key, model, xb, yb, eps)
+  return call
+
+
+def _check_data_mesh(mesh: Mesh, data_axis: Any) -> int:
+  axes = data_axis if isinstance(data_axis, tuple) else (data_axis,)
+  for axis in axes:
+    if axis not in mesh.shape:
+      raise ValueError(f"data_axis {axis!r} is not an axis of the mesh; mesh axes are "
+                       f"{tuple(mesh.shape)}.")
+  return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def _padded_batches(indices: np.ndarray, batch_size: int):
@@ -239,12 +267,16 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
                     eps_list: Sequence[float], norm: str, batch_size: int = 256,
                     rtol: float = 1e-4, atol: float = 1e-6,
                     verbose: bool = False,
-                    mesh: Optional[Mesh] = None) -> RobustAccuracyResult:
+                    mesh: Optional[Mesh] = None, data_axis: Any = "data",
+                    eps_key_index: Optional[Sequence[int]] = None,
+                    compiler_options: Optional[Dict[str, Any]] = None
+                    ) -> RobustAccuracyResult:
   """Clean and robust accuracy under a sequence of attacks, for several radii.
 
   Args:
     key: a `jax.random.key`; attack a, radius e and batch b use
-      fold_in(fold_in(fold_in(key, e), a), b).
+      fold_in(fold_in(fold_in(key, e), a), b), where e is the radius's index
+      in `eps_list` (or `eps_key_index[e]`).
     logits_fn: x -> logits, or a gradient oracle such as EOT (predictions use
       its mean logits, drawn with a fixed key). The weights of a
       `jax.tree_util.Partial(apply_fn, variables)` or of a
@@ -261,11 +293,20 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     rtol: relative tolerance of the perturbation-norm check.
     atol: absolute tolerance of the norm and box checks.
     verbose: print progress after each attack.
-    mesh: a `jax.sharding.Mesh` with a `data` axis (e.g.
-      `certjax.parallel.local_mesh()`): every batch is split over its devices
-      and the weights are replicated on them, so the attacks run data-parallel.
-      `batch_size` is rounded up to a multiple of the number of devices (the
-      extra rows are padding and never counted). None: the default device.
+    mesh: a `jax.sharding.Mesh` (e.g. `certjax.parallel.local_mesh()`):
+      every batch is split over its `data_axis` devices and the weights are
+      replicated on them, so the attacks run data-parallel. `batch_size` is
+      rounded up to a multiple of the number of devices along `data_axis`
+      (the extra rows are padding and never counted). None: the default
+      device.
+    data_axis: the mesh axis (or tuple of axes) batches are split over, as in
+      `certjax.smoothing.sample_counts`.
+    eps_key_index: the index used in the key of each radius (default 0, 1,
+      ...): a run split into several calls, one per radius (a resumed
+      evaluation), draws the same randomness as one call over all radii.
+    compiler_options: XLA compiler options for the attacks and predictions
+      (e.g. {'xla_backend_optimization_level': 0} to compile faster when the
+      programs run only briefly, as in tests).
 
   Returns:
     A `RobustAccuracyResult`.
@@ -292,20 +333,26 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
   num_classes = logits_shape(oracle, probe)[-1]
   check_labels(y, num_classes=num_classes, batch_size=num_examples)
   y_host = np.asarray(y)
+  if eps_key_index is None:
+    key_index = list(range(len(eps_values)))
+  else:
+    key_index = [check_int_at_least(i, "eps_key_index entry", 0) for i in eps_key_index]
+    if len(key_index) != len(eps_values):
+      raise ValueError(f"eps_key_index must give one index per radius ({len(eps_values)}); "
+                       f"got {len(key_index)}.")
+  options = tuple(sorted((compiler_options or {}).items()))
   batch_size = min(batch_size, num_examples)
   place = lambda *arrays: arrays  # pylint: disable=unnecessary-lambda-assignment
   if mesh is not None:
-    _check_data_mesh(mesh)
-    batch_size = parallel.round_up_batch(batch_size, mesh, "batch_size")
-    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    num_devices = _check_data_mesh(mesh, data_axis)
+    batch_size = -(-batch_size // num_devices) * num_devices
+    batch_sharding = NamedSharding(mesh, PartitionSpec(data_axis))
     place = lambda *arrays: tuple(jax.device_put(a, batch_sharding) for a in arrays)  # pylint: disable=unnecessary-lambda-assignment
-    logits_fn = _as_pytree_model(logits_fn)
+    logits_fn = as_pytree_model(logits_fn)
     if isinstance(logits_fn, jax.tree_util.Partial):
       logits_fn = jax.device_put(logits_fn, NamedSharding(mesh, PartitionSpec()))
 
-  predict = _jit_with_model(
-      lambda model, xb: jnp.argmax(as_oracle(model).logits(jax.random.key(0), xb), -1),
-      logits_fn)
+  predict = _jit_with_model(_predict_fn, logits_fn, options)
 
   def run_predict(indices: np.ndarray) -> np.ndarray:
     preds = np.empty(len(indices), np.int64)
@@ -317,9 +364,7 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
   all_indices = np.arange(num_examples)
   correct = run_predict(all_indices) == y_host
   clean_accuracy = float(np.mean(correct))
-  compiled = [_jit_with_model(
-      lambda model, k, xb, yb, e, fn=fn: fn(k, model, xb, yb, e), logits_fn)
-              for _, fn in attacks]
+  compiled = [_jit_with_model(_attack_call(fn), logits_fn, options) for _, fn in attacks]
 
   per_eps = []
   for e_index, eps in enumerate(eps_values):
@@ -329,8 +374,8 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
       start = time.perf_counter()
       remaining = np.nonzero(robust)[0]
       for b_index, (chunk, real) in enumerate(_padded_batches(remaining, batch_size)):
-        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, e_index),
-                                                  a_index), b_index)
+        k = jax.random.fold_in(jax.random.fold_in(
+            jax.random.fold_in(key, key_index[e_index]), a_index), b_index)
         xb, yb = x_host[chunk], y_host[chunk]
         x_adv = np.asarray(compiled[a_index](k, *place(xb, yb), jnp.float32(eps)))
         sizes = check_perturbation(xb[:real], x_adv[:real], eps, norm, rtol=rtol,

@@ -5,13 +5,14 @@ primitive; `crown_ibp`, `crown` and `ibp_spec`/`ibp_margins` bound linear
 specifications such as the margins from `margin_spec`; `verified_accuracy`
 is the usual certification metric.
 
-Not imported here, because they depend on the training and data packages:
-`certjax.bounds.training` registers the 'ibp' and 'crown_ibp' certified
-training objectives (the objective registry imports it by itself), and
-`certjax.bounds.verify_run.run_verification(config, workdir)` is the library
-call behind `launch/verify.py`.
+`certified_training` holds the pure pieces of IBP / CROWN-IBP certified
+training (schedules, worst-case cross-entropy) that the training objectives
+'ibp' and 'crown_ibp' (`certjax.training.objectives.certified`) are built
+from. Verifying a trained workdir is the 'verified' evaluator
+(`certjax.evaluation.verified`, `launch/verify.py`).
 """
 
+from certjax.bounds import certified_training
 from certjax.bounds.graph import AffineGraph
 from certjax.bounds.ibp import (IBP_RULES, NAMED_CALL_RULES, UnsupportedPrimitiveError, ibp,
                                 supported_primitives)
@@ -21,7 +22,7 @@ from certjax.bounds.linear import (crown, crown_ibp, crown_pre_activation_bounds
 from certjax.bounds.verify import METHODS, VerifiedAccuracy, margin_lower_bounds, verified_accuracy
 
 __all__ = [
-    "AffineGraph", "IBP_RULES", "Interval", "METHODS", "NAMED_CALL_RULES",
+    "AffineGraph", "IBP_RULES", "certified_training", "Interval", "METHODS", "NAMED_CALL_RULES",
     "UnsupportedPrimitiveError", "VerifiedAccuracy", "check_interval", "crown", "crown_ibp",
     "crown_pre_activation_bounds", "ibp", "ibp_margins", "ibp_spec", "linf_ball",
     "margin_lower_bounds", "margin_spec", "relu_relaxation", "supported_primitives",

@@ -7,11 +7,14 @@ Typical use::
   acc = smoothing.certified_accuracy(cert.radius, cert.prediction == labels,
                                      [0.0, 0.25, 0.5])
 
-Training objectives 'gaussian', 'smoothadv', 'macer' and 'consistency' are in
-`certjax.smoothing.training` (registered with the training registry, selected
-by `config.objective.name`); `run_certification(config, workdir)` certifies a
-trained model and writes Cohen-format results (`launch/certify.py`). Both are
-loaded on first use, so importing the core does not import the training stack.
+Modules: `noise` (the noise stream), `sampling` (the counting loop), `core`
+(CERTIFY, PREDICT), `stats` (Clopper-Pearson, radii, certified accuracy),
+`analysis` (result columns and summaries), `soft_smoothing` (the soft
+smoothed classifier and SmoothAdv's attack, used by the training objectives
+'gaussian', 'smoothadv', 'macer' and 'consistency' in
+`certjax.training.objectives.smoothing`). Certifying a trained workdir and
+writing Cohen-format files is the 'certified' evaluator
+(`certjax.evaluation.certified`, `launch/certify.py`).
 
 References:
   Cohen, Rosenfeld & Kolter, "Certified Adversarial Robustness via Randomized
@@ -24,49 +27,37 @@ References:
   Yang et al., "Randomized Smoothing of All Shapes and Sizes", ICML 2020.
 """
 
-import importlib
-from typing import Any
-
 from certjax.smoothing import analysis
+from certjax.smoothing import soft_smoothing
 from certjax.smoothing.core import ABSTAIN
 from certjax.smoothing.core import Certificate
 from certjax.smoothing.core import certificate_from_counts
 from certjax.smoothing.core import certify
 from certjax.smoothing.core import predict
 from certjax.smoothing.core import prediction_from_counts
-from certjax.smoothing.sampling import NOISE_TYPES
-from certjax.smoothing.sampling import input_keys
-from certjax.smoothing.sampling import keys_for_indices
+from certjax.smoothing import noise
+from certjax.smoothing import sampling
+from certjax.smoothing.noise import NOISE_TYPES
+from certjax.smoothing.noise import input_keys
+from certjax.smoothing.noise import keys_for_indices
+from certjax.smoothing.noise import sample_noise
 from certjax.smoothing.sampling import sample_counts
-from certjax.smoothing.sampling import sample_noise
 from certjax.smoothing.stats import average_certified_radius
 from certjax.smoothing.stats import binomial_test_pvalue
 from certjax.smoothing.stats import certified_accuracy
 from certjax.smoothing.stats import clopper_pearson_lower
 from certjax.smoothing.stats import gaussian_l2_radius
 from certjax.smoothing.stats import linf_radius_from_l2
+from certjax.smoothing.stats import max_certifiable_radius
 from certjax.smoothing.stats import min_samples_to_certify
 from certjax.smoothing.stats import radius_from_p_lower
 from certjax.smoothing.stats import uniform_l1_radius
-
-# name -> module, imported on first access (they import certjax.training).
-_LAZY = {
-    "CertificationRun": "certjax.smoothing.certify_run",
-    "run_certification": "certjax.smoothing.certify_run",
-    "smoothadv_pgd": "certjax.smoothing.training",
-}
-
-
-def __getattr__(name: str) -> Any:
-  if name in _LAZY:
-    return getattr(importlib.import_module(_LAZY[name]), name)
-  raise AttributeError(f"module 'certjax.smoothing' has no attribute {name!r}")
+from certjax.smoothing.soft_smoothing import smoothadv_pgd
 
 
 __all__ = [
     "ABSTAIN",
     "Certificate",
-    "CertificationRun",
     "NOISE_TYPES",
     "analysis",
     "average_certified_radius",
@@ -79,13 +70,16 @@ __all__ = [
     "input_keys",
     "keys_for_indices",
     "linf_radius_from_l2",
+    "max_certifiable_radius",
     "min_samples_to_certify",
+    "noise",
     "predict",
     "prediction_from_counts",
     "radius_from_p_lower",
-    "run_certification",
     "sample_counts",
+    "sampling",
     "sample_noise",
     "smoothadv_pgd",
+    "soft_smoothing",
     "uniform_l1_radius",
 ]

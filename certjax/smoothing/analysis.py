@@ -1,14 +1,10 @@
-"""Certification result files (Cohen et al.'s TSV), summary tables and plots.
+"""Certification results as columns, their summary (certified accuracy, ACR) and tables.
 
-The file format is the one Cohen et al.'s `certify.py` writes and their
-`analyze.py` reads, one row per certified example::
-
-  idx	label	predict	radius	correct	time
-  0	3	3	0.61	1	0:00:02.113452
-
-`predict` is -1 on abstention, `correct` is 0/1 and `time` a
-`datetime.timedelta` string (plain seconds are accepted on reading). We write
-radii with 6 significant digits (the reference writes 3).
+`CertifyResults` holds the columns of Cohen et al.'s certification TSV
+(`idx label predict radius correct time`, one row per example); the TSV
+files themselves are read and written by the 'certified' evaluator
+(`certjax.evaluation.certified.read_tsv` / `write_tsv`), plots are drawn by
+`certjax.evaluation.plots`.
 
 References:
   Cohen, Rosenfeld & Kolter, "Certified Adversarial Robustness via Randomized
@@ -19,20 +15,12 @@ References:
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import re
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from certjax.smoothing import stats
-
-HEADER = ("idx", "label", "predict", "radius", "correct", "time")
-
-_TIMEDELTA = re.compile(
-    r"^(?:(?P<days>-?\d+) days?, )?(?P<h>\d+):(?P<m>\d{2}):(?P<s>\d{2}(?:\.\d+)?)$")
 
 
 class CertifyResults(NamedTuple):
@@ -43,25 +31,6 @@ class CertifyResults(NamedTuple):
   radius: np.ndarray  # float64
   correct: np.ndarray  # bool
   time: np.ndarray  # float64 seconds
-
-
-def _format_time(seconds: float) -> str:
-  return str(datetime.timedelta(seconds=float(seconds)))
-
-
-def _parse_time(text: str, where: str) -> float:
-  text = text.strip()
-  match = _TIMEDELTA.match(text)
-  if match:
-    days = int(match.group("days") or 0)
-    return (days * 86400 + int(match.group("h")) * 3600 + int(match.group("m")) * 60
-            + float(match.group("s")))
-  try:
-    return float(text)
-  except ValueError:
-    raise ValueError(
-        f"{where}: time {text!r} is neither H:MM:SS[.ffffff] nor a number of seconds."
-    ) from None
 
 
 def make_results(label, predict, radius, *, idx=None, time=None) -> CertifyResults:
@@ -90,48 +59,6 @@ def make_results(label, predict, radius, *, idx=None, time=None) -> CertifyResul
   if np.any(radius < 0) or not np.all(np.isfinite(radius)):
     raise ValueError("radius must hold finite values >= 0.")
   return CertifyResults(idx, label, predict, radius, predict == label, time)
-
-
-def write_tsv(path: str | os.PathLike, results: CertifyResults) -> None:
-  """Writes results in Cohen et al.'s certification TSV format."""
-  lines = ["\t".join(HEADER)]
-  for i, y, p, r, c, t in zip(*results):
-    lines.append(f"{i}\t{y}\t{p}\t{r:.6g}\t{int(c)}\t{_format_time(t)}")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-
-
-def read_tsv(path: str | os.PathLike) -> CertifyResults:
-  """Reads a certification TSV (ours or one written by Cohen et al.'s certify.py).
-
-  Raises:
-    ValueError: on a wrong header or a malformed row, naming the line.
-  """
-  with open(path) as f:
-    rows = [line.rstrip("\n").rstrip("\r") for line in f]
-  rows = [row for row in rows if row.strip()]
-  if not rows or tuple(rows[0].split("\t")) != HEADER:
-    found = rows[0] if rows else "an empty file"
-    raise ValueError(
-        f"{path}: expected the tab-separated header {' '.join(HEADER)!r}; got {found!r}.")
-  columns = [[] for _ in HEADER]
-  for number, row in enumerate(rows[1:], start=2):
-    fields = row.split("\t")
-    where = f"{path}, line {number}"
-    if len(fields) != len(HEADER):
-      raise ValueError(f"{where}: expected {len(HEADER)} tab-separated fields, got {len(fields)}.")
-    try:
-      values = [int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3]),
-                int(fields[4])]
-    except ValueError as e:
-      raise ValueError(f"{where}: malformed field in {row!r} ({e}).") from None
-    values.append(_parse_time(fields[5], where))
-    for column, value in zip(columns, values):
-      column.append(value)
-  idx, label, predict, radius, correct, time = (np.asarray(c) for c in columns)
-  return CertifyResults(idx.astype(np.int64), label.astype(np.int64), predict.astype(np.int64),
-                        radius.astype(np.float64), correct.astype(bool),
-                        time.astype(np.float64))
 
 
 def default_thresholds(results: CertifyResults, step: float = 0.25) -> np.ndarray:
@@ -184,40 +111,3 @@ def format_summary(summaries: Mapping[str, Summary] | Summary) -> str:
              + [f"{s.average_certified_radius:.3f}", f"{s.abstain_rate:.3f}", str(s.num_examples)])
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
-
-
-def plot_certified_accuracy(curves: Mapping[str, CertifyResults], path: str | os.PathLike, *,
-                            max_radius: float | None = None, norm: str = "L2",
-                            title: str | None = None) -> None:
-  """Writes a PNG of certified accuracy against radius, one line per run.
-
-  Args:
-    curves: run name -> results.
-    path: output PNG path.
-    max_radius: right end of the x axis (default: largest radius + 5%).
-    norm: axis label of the radius ('L2', 'L1', ...).
-    title: optional plot title.
-  """
-  # A bare Figure renders with Agg without touching pyplot's global backend
-  # (which would hijack a notebook's inline display).
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-
-  if not curves:
-    raise ValueError("plot_certified_accuracy needs at least one curve.")
-  largest = max(float(r.radius.max(initial=0.0)) for r in curves.values())
-  right = max_radius if max_radius is not None else max(largest * 1.05, 0.1)
-  grid = np.linspace(0.0, right, 400)
-  fig = Figure(figsize=(6, 4), dpi=100)
-  ax = fig.add_subplot()
-  for name, results in curves.items():
-    ax.plot(grid, stats.certified_accuracy(results.radius, results.correct, grid), label=name)
-  ax.set_xlabel(f"{norm} radius")
-  ax.set_ylabel("certified accuracy")
-  ax.set_xlim(0.0, right)
-  ax.set_ylim(0.0, 1.0)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, format="png")

@@ -5,7 +5,7 @@ statistics (Clopper-Pearson bound, binomial test, radius) run vectorised on the
 host with SciPy, exactly as in the reference implementation.
 
 Keys: input `i` uses the per-input key `k_i` (`fold_in(key, i)`, or `key[i]`
-for a key array; see `sampling`). CERTIFY draws its selection sample from
+for a key array; see `noise`). CERTIFY draws its selection sample from
 `fold_in(k_i, 0)` and its estimation sample from `fold_in(k_i, 1)`, so the two
 are independent and certifying input `i` alone with key `k_i` gives the same
 certificate. PREDICT counts with `k_i` itself.
@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from certjax import validation
+from certjax.smoothing import noise as noise_lib
 from certjax.smoothing import sampling
 from certjax.smoothing import stats
 from certjax.types import ArrayLike, LogitsFn, PRNGKey
@@ -181,13 +182,13 @@ def certify(key: PRNGKey, logits_fn: LogitsFn, x: ArrayLike, sigma: float, n0: i
   n0 = validation.check_int_at_least(n0, "n0", 1)
   n = validation.check_int_at_least(n, "n", 1)
   _check_alpha_and_n(alpha, n)
-  prepared = sampling._prepare(logits_fn, x, sigma, batch_size, num_classes, noise, mesh,
-                               data_axis)
-  keys = sampling._per_input_keys(key, prepared.x.shape[0])
-  counts_selection = sampling._counts_for_keys(
-      sampling._fold_in_all(keys, SELECTION_STREAM), prepared, n0, int(batch_size), noise)
-  counts_estimation = sampling._counts_for_keys(
-      sampling._fold_in_all(keys, ESTIMATION_STREAM), prepared, n, int(batch_size), noise)
+  prepared = sampling.prepare(logits_fn, x, sigma, batch_size, num_classes, noise, mesh,
+                              data_axis)
+  keys = noise_lib.per_input_keys(key, prepared.x.shape[0])
+  counts_selection = sampling.counts_for_keys(
+      noise_lib.fold_in_all(keys, SELECTION_STREAM), prepared, n0, int(batch_size), noise)
+  counts_estimation = sampling.counts_for_keys(
+      noise_lib.fold_in_all(keys, ESTIMATION_STREAM), prepared, n, int(batch_size), noise)
   return certificate_from_counts(
       np.asarray(counts_selection), np.asarray(counts_estimation), float(sigma), alpha,
       noise=noise)

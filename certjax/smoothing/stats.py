@@ -152,6 +152,19 @@ def radius_from_p_lower(p_a_lower, sigma: float, noise: str = "gaussian") -> np.
   return uniform_l1_radius(p_a_lower, sigma)
 
 
+def max_certifiable_radius(sigma: float, n: int, alpha: float, noise: str = "gaussian") -> float:
+  """The largest radius CERTIFY can return with `n` estimation draws.
+
+  Reached when all `n` draws vote for the top class: then the Clopper-Pearson
+  bound is `alpha ** (1 / n)`, and for Gaussian noise the radius is
+  `sigma * Phi^-1(alpha ** (1 / n))` (Cohen et al. 2019). No certificate of
+  that run can exceed it, whatever the classifier.
+  """
+  n = validation.check_int_at_least(n, "n", 1)
+  p_lower = clopper_pearson_lower(n, n, alpha)
+  return float(radius_from_p_lower(p_lower, sigma, noise))
+
+
 def linf_radius_from_l2(radius, input_dim: int) -> np.ndarray:
   """L-infinity radius implied by an L2 certificate in `input_dim` dimensions.
 

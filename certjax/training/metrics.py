@@ -1,9 +1,20 @@
-"""Metric writers (JSON lines + TensorBoard) and a progress line with ETA."""
+"""Metric writers: JSON lines plus TensorBoard, written by process 0, never duplicated.
+
+Each line of `<workdir>/metrics.jsonl` is one JSON object
+`{"step": int, "split": "train"|"eval"|"evals/<name>", "time": unix seconds, <name>: float}`.
+
+A resumed run continues from its newest checkpoint, so whatever a killed run
+logged after that checkpoint is logged again. `MetricWriter(resume_step=s)`
+therefore drops the records of steps after `s` from metrics.jsonl (rewritten
+atomically) and opens TensorBoard with `purge_step=s + 1`, which hides the
+killed run's events from those steps on; and it never writes a second record
+for a (step, split) pair the file already holds (a finished run started
+again re-runs its final evaluation). So every logged step appears exactly
+once, with the values of the run that continued.
+"""
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import time
 from typing import Mapping
@@ -12,6 +23,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from certjax.runs import files
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -19,29 +32,48 @@ TENSORBOARD_DIR = "tensorboard"
 class MetricWriter:
   """Appends metrics to `metrics.jsonl` and TensorBoard; process 0 only.
 
-  Each line of metrics.jsonl is one JSON object
-  `{"step": int, "split": "train"|"eval", "time": unix seconds, <name>: float}`.
+  Args:
+    workdir: the run's workdir.
+    enabled: write (default: on process 0 only).
+    resume_step: the step the run starts from (its newest checkpoint; 0 for
+      a fresh run): records of later steps are dropped (see the module doc).
   """
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int = 0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._path = os.path.join(workdir, METRICS_FILE)
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
-      except ImportError:
-        logging.warning("tensorboardX is not installed: no TensorBoard event files.")
+    self._logged: set[tuple[int, str]] = set()
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    records = files.read_jsonl(self._path)
+    kept = [r for r in records if int(r.get("step", 0)) <= resume_step]
+    if len(kept) != len(records) or (records and not _ends_with_newline(self._path)):
+      files.rewrite_jsonl(self._path, kept)
+      if len(kept) != len(records):
+        logging.info("Dropped %d metric records after step %d logged by an interrupted run; "
+                     "the resumed run logs those steps again.", len(records) - len(kept),
+                     resume_step)
+    self._logged = {(int(r["step"]), str(r.get("split"))) for r in kept}
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      purge = {"purge_step": resume_step + 1} if records else {}
+      self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), **purge)
+    except ImportError:
+      logging.warning("tensorboardX is not installed: no TensorBoard event files.")
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
+    if (int(step), split) in self._logged:
+      logging.info("Metrics of step %d (%s) were logged by an earlier run; not logging them "
+                   "twice.", step, split)
+      return
     values = {k: float(v) for k, v in metrics.items()}
     record = {"step": int(step), "split": split, "time": time.time(), **values}
-    with open(self._path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    files.append_jsonl(self._path, [record])
+    self._logged.add((int(step), split))
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(f"{split}/{name}", value, step)
@@ -52,44 +84,18 @@ class MetricWriter:
       self._tb.close()
 
 
+def _ends_with_newline(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() == 0:
+      return True
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """All records of a workdir's metrics.jsonl, in order."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-class Progress:
-  """Formats 'step 120/1000 (12%) | 850 img/s | 6.6 step/s | ETA 0:02:13'.
-
-  The rate is measured over the last logging interval, so compilation of the
-  first step is reported once and then stops distorting the ETA.
-  """
-
-  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
-    self.total_steps = total_steps
-    self.batch_size = batch_size
-    self._last_step = start_step
-    self._last_time = time.perf_counter()
-
-  def update(self, step: int) -> dict[str, float]:
-    now = time.perf_counter()
-    elapsed = max(now - self._last_time, 1e-9)
-    steps_per_s = (step - self._last_step) / elapsed
-    self._last_step, self._last_time = step, now
-    return {"steps_per_s": steps_per_s, "images_per_s": steps_per_s * self.batch_size}
-
-  def line(self, step: int, rates: Mapping[str, float], metrics: Mapping[str, float]) -> str:
-    remaining = self.total_steps - step
-    eta = (datetime.timedelta(seconds=int(remaining / rates["steps_per_s"]))
-           if rates["steps_per_s"] > 0 else "?")
-    shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    pct = 100.0 * step / max(self.total_steps, 1)
-    return (f"step {step}/{self.total_steps} ({pct:.0f}%) | {shown} | "
-            f"{rates['images_per_s']:.0f} img/s | {rates['steps_per_s']:.2f} step/s | "
-            f"ETA {eta}")
+  return files.read_jsonl(os.path.join(workdir, METRICS_FILE))
 
 
 def mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:

@@ -6,12 +6,19 @@ the config by name. It runs data-parallel over every device of every host
 metrics as JSON lines and TensorBoard events, and is reproducible from
 `config.seed` (data order, augmentation, initialisation and per-step keys are
 all derived from it, so a resumed run continues exactly where it stopped).
+
+Evaluators run inside the loop as `config.evals` lists them (big_vision's
+`train.py` does the same): e.g. verified accuracy every 500 steps of IBP
+training, PGD robust accuracy during PGD-AT, certified accuracy at the end of
+noise training. Their metrics are logged with the others (split
+`evals/<name>`) and their files written to `<workdir>/evals/<name>/<step>/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Iterator, Mapping
 
@@ -25,14 +32,21 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from certjax import data as data_lib
+from certjax import evaluation
 from certjax import models as models_lib
 from certjax import parallel
-from certjax.training import checkpoints as ckpt_lib
+from certjax import runs
+from certjax.runs import checkpoints as ckpt_lib
 from certjax.training import config as config_lib
 from certjax.training import metrics as metrics_lib
 from certjax.training import objectives as objectives_lib
 from certjax.training import optim
 from certjax.types import Array
+
+# `load_trained` and `build_model` live below both training and evaluation;
+# re-exported here for callers that know them from this module.
+load_trained = runs.load_trained
+build_model = runs.build_model
 
 
 @flax.struct.dataclass
@@ -72,14 +86,6 @@ def total_train_steps(config: ml_collections.ConfigDict, info: data_lib.DatasetI
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   return max(1, int(np.ceil(config.num_epochs * info.num_train / config.batch_size)))
-
-
-def build_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo):
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
-  return models_lib.get_model(
-      config.model.name, num_classes=info.num_classes, mean=info.mean, std=info.std,
-      dtype=dtype, conv_impl=config.model.get("conv_impl", "xla"),
-      **dict(config.model.kwargs))
 
 
 def create_train_state(config, model, tx, info, key) -> TrainState:
@@ -141,6 +147,63 @@ def evaluate(eval_step, variables, config, mesh) -> dict[str, float]:
           "num_examples": totals["count"]}
 
 
+@dataclasses.dataclass
+class _PeriodicEval:
+  """One entry of `config.evals`: an evaluator, how often, on which images."""
+  name: str
+  kind: str
+  every_steps: int
+  evaluate: evaluation.Evaluator
+  data: evaluation.EvalData
+
+  def due(self, step: int, total_steps: int) -> bool:
+    return step == total_steps or bool(self.every_steps and step % self.every_steps == 0)
+
+
+def make_periodic_evals(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo
+                        ) -> list[_PeriodicEval]:
+  """The evaluators of `config.evals`, built (and so validated) before training starts."""
+  evals = []
+  for name, (kind, every, settings) in config_lib.validate_evals(config).items():
+    entry = config.evals[name]
+    split = settings.split or config.data.eval_split
+    data = evaluation.EvalData.from_config(config.data, split,
+                                           int(entry.get("skip", config.skip)),
+                                           int(entry.get("max", config.max)))
+    evaluate = evaluation.get_evaluator(kind, settings, info.num_classes, run_config=config,
+                                        where=f"evals.{name}")
+    evals.append(_PeriodicEval(name, kind, every, evaluate, data))
+  return evals
+
+
+def run_periodic_evals(evals: list[_PeriodicEval], step: int, total_steps: int, model: Any,
+                       variables: Any, config: ml_collections.ConfigDict,
+                       info: data_lib.DatasetInfo, workdir: str,
+                       writer: metrics_lib.MetricWriter) -> dict[str, dict[str, float]]:
+  """Runs the evaluators due at `step` on the current variables; logs their metrics."""
+  results = {}
+  float32_apply_fn = None
+  for ev in evals:
+    if not ev.due(step, total_steps):
+      continue
+    if (evaluation.get_spec(ev.kind).float32 and config.compute_dtype != "float32"
+        and float32_apply_fn is None):
+      float32_apply_fn = runs.build_model(config, info, compute_dtype="float32").apply
+    ctx = evaluation.EvalContext(
+        apply_fn=model.apply, variables=variables, data=ev.data, num_classes=info.num_classes,
+        step=step, output_dir=os.path.join(workdir, "evals", ev.name, str(step)),
+        metadata=evaluation.workdir.run_metadata(config, workdir),
+        float32_apply_fn=float32_apply_fn, resume=False, verbose=False)
+    tic = time.perf_counter()
+    result = ev.evaluate(ctx)
+    metrics = {**result.metrics, "seconds": time.perf_counter() - tic}
+    writer.write(step, f"evals/{ev.name}", metrics)
+    logging.info("evals/%s (%s) at step %d: %s", ev.name, ev.kind, step, ", ".join(
+        f"{k} {v:.4g}" for k, v in result.metrics.items()))
+    results[ev.name] = metrics
+  return results
+
+
 def _all_finite(tree) -> bool:
   leaves = jax.tree.leaves(tree)
   return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
@@ -157,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       holding checkpoints of the same config resumes from the newest one.
 
   Returns:
-    A `TrainResult` with the final state, model and clean eval metrics.
+    A `TrainResult` with the final state, model and clean eval metrics (and
+    the last metrics of every `config.evals` entry, under 'evals/<name>/...').
 
   Raises:
     ValueError: for an invalid config (unknown keys or names, bad values).
@@ -174,12 +238,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise ValueError(f"batch_size={config.batch_size} exceeds the {info.num_train} "
                      f"training examples of {info.name!r}.")
   total_steps = total_train_steps(config, info)
-  model = build_model(config, info)
+  model = runs.build_model(config, info)
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
   ctx = objectives_lib.ObjectiveContext(
       apply_fn=model.apply, num_classes=info.num_classes, total_steps=total_steps,
       input_shape=tuple(info.image_shape))
   loss_fn = objectives_lib.get_objective(config.objective, ctx)
+  periodic_evals = make_periodic_evals(config, info)
 
   root_key = jax.random.key(config.seed)
   init_key, train_key = jax.random.split(root_key)
@@ -197,8 +262,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   train_step = make_train_step(loss_fn, tx, mesh)
   eval_step = make_eval_step(model, mesh)
-  writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
+  # Records a killed run logged after its last checkpoint are dropped: the
+  # resumed run logs those steps again.
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+  progress = runs.Progress(total_steps, config.batch_size, start_step)
   batches: Iterator[dict] = data_lib.train_batches(
       config.data, batch_size=config.batch_size, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -242,57 +309,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       writer.write(step, "eval", eval_metrics)
       logging.info("eval at step %d: accuracy %.4f, loss %.4f", step,
                    eval_metrics["accuracy"], eval_metrics["loss"])
+    if step != total_steps:
+      run_periodic_evals(periodic_evals, step, total_steps, model, state.variables, config,
+                         info, workdir, writer)
 
   if manager.latest_step() != total_steps:
     save(state, total_steps)
   manager.wait_until_finished()
   eval_metrics = evaluate(eval_step, state.variables, config, mesh)
   writer.write(total_steps, "eval", eval_metrics)
+  for name, metrics in run_periodic_evals(periodic_evals, total_steps, total_steps, model,
+                                          state.variables, config, info, workdir,
+                                          writer).items():
+    eval_metrics.update({f"evals/{name}/{k}": v for k, v in metrics.items()})
   writer.close()
   logging.info("Finished %d steps in %.1f s; eval accuracy %.4f on %d examples",
                total_steps - start_step, time.perf_counter() - start_time,
                eval_metrics["accuracy"], int(eval_metrics["num_examples"]))
   return TrainResult(state=state, model=model, info=info, eval_metrics=eval_metrics,
                      workdir=workdir)
-
-
-def load_trained(workdir: str, step: int | None = None,
-                 config: ml_collections.ConfigDict | None = None):
-  """Restores a trained model from a workdir written by `train_and_evaluate`.
-
-  Args:
-    workdir: the run's workdir (holds config.json and checkpoints/).
-    step: checkpoint step to load; the newest when None.
-    config: the config to build the model from (e.g. the launch script's
-      --config with evaluation overrides); the workdir's config.json if None.
-
-  Returns:
-    (model, variables, config, info): `models.make_logits_fn(model, variables)`
-    gives the pure logits function attacks, bounds and smoothing take.
-  """
-  if config is None:
-    config = ckpt_lib.read_config(workdir)
-  config = config_lib.with_defaults(config)
-  info = data_lib.get_info(config.data)
-  model = build_model(config, info)
-  abstract = jax.eval_shape(
-      functools.partial(models_lib.init_variables, model, input_shape=(1, *info.image_shape)),
-      jax.random.key(0))
-  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(
-        f"No checkpoint in {manager.directory}: train first with "
-        "python -m launch.train --config=... --workdir=<the same workdir>.")
-  # Only the model's variables are needed: restoring the checkpoint as saved
-  # (not into a TrainState) lets evaluation configs differ in the optimizer.
-  saved = manager.restore(step, args=ocp.args.StandardRestore())
-  variables = {"params": saved["params"], **saved["model_state"]}
-  expected = jax.tree.map(lambda a: tuple(a.shape), dict(abstract))
-  found = jax.tree.map(lambda a: tuple(a.shape), variables)
-  if expected != found:
-    raise ValueError(
-        f"The checkpoint at step {step} in {manager.directory} holds variables that do "
-        f"not fit model {config.model.name!r} built from this config (different model "
-        "or model.kwargs?).")
-  return model, variables, config, info

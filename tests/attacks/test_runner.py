@@ -1,5 +1,6 @@
 """robust_accuracy: bookkeeping, masking between attacks, perturbation checks."""
 
+import functools
 import json
 
 import jax
@@ -9,12 +10,12 @@ import pytest
 
 from certjax import attacks
 from certjax.attacks import runner as runner_lib
-from tests.attacks.conftest import fast_jit
 
 
-@pytest.fixture(autouse=True)
-def fast_runner_compiles(monkeypatch):
-  monkeypatch.setattr(runner_lib, "_jit", fast_jit)
+# The programs run for milliseconds: XLA's backend optimisations would only
+# add compile time.
+FAST = {"xla_backend_optimization_level": 0}
+robust_accuracy = functools.partial(attacks.robust_accuracy, compiler_options=FAST)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def identity_attack(key, logits_fn, x, y, eps):
 def test_counts_and_report(trained_mlp, data, cheap_attacks):
   model = trained_mlp[0]
   x, y = data
-  result = attacks.robust_accuracy(jax.random.key(0), model, x, y, attacks=cheap_attacks,
+  result = robust_accuracy(jax.random.key(0), model, x, y, attacks=cheap_attacks,
                                    eps_list=[0.0, 0.02, 0.1], norm="linf", batch_size=64)
   correct = np.argmax(model(x), -1) == y
   assert result.clean_accuracy == pytest.approx(np.mean(correct))
@@ -68,7 +69,7 @@ def test_later_attacks_only_see_points_still_robust(trained_mlp, data):
     jax.debug.callback(lambda xb: seen.append(np.asarray(xb)), x)
     return x
 
-  result = attacks.robust_accuracy(
+  result = robust_accuracy(
       jax.random.key(0), model, x, y, eps_list=[0.03], norm="linf", batch_size=32,
       attacks=[("pgd", attacks.make_pgd(num_steps=5)), ("identity", recording_identity)])
   jax.effects_barrier()
@@ -91,10 +92,10 @@ def test_perturbation_check_catches_a_wrong_attack(trained_mlp, data):
 
   with pytest.raises(attacks.PerturbationError,
                      match=r"'overshoot' at eps=0.05 .*linf norm 0.1 > eps = 0.05"):
-    attacks.robust_accuracy(jax.random.key(0), model, x, y, eps_list=[0.05], norm="linf",
+    robust_accuracy(jax.random.key(0), model, x, y, eps_list=[0.05], norm="linf",
                             attacks=[("overshoot", overshoot)])
   with pytest.raises(attacks.PerturbationError, match=r"outside the \[0, 1\] box"):
-    attacks.robust_accuracy(jax.random.key(0), model, x, y, eps_list=[0.05], norm="linf",
+    robust_accuracy(jax.random.key(0), model, x, y, eps_list=[0.05], norm="linf",
                             attacks=[("unclipped", unclipped)])
   # The same check accepts a correct attack's output at the boundary.
   x_edge = np.clip(x + 0.05 * np.sign(x - 0.5), 0, 1).astype(np.float32)
@@ -118,7 +119,7 @@ def test_standard_attacks_end_to_end(trained_mlp, data):
   x, y = data[0][:64], data[1][:64]
   sequence = attacks.standard_attacks("linf", num_classes=10, num_steps=5,
                                       num_target_classes=2, square_queries=30)
-  result = attacks.robust_accuracy(jax.random.key(1), model, x, y, attacks=sequence,
+  result = robust_accuracy(jax.random.key(1), model, x, y, attacks=sequence,
                                    eps_list=[0.02], norm="linf", batch_size=64)
   (r,) = result.per_eps
   accs = [a for _, a in r.robust_accuracy_after]
@@ -137,10 +138,31 @@ def test_partial_models_pass_their_weights_as_data(trained_mlp):
     return scale * mlp_apply(params, x)
 
   params = trained_mlp[1]
-  model = runner_lib._as_pytree_model(functools.partial(apply, params, scale=2.0))
+  model = runner_lib.as_pytree_model(functools.partial(apply, params, scale=2.0))
   assert isinstance(model, jax.tree_util.Partial)
   assert len(jax.tree.leaves(model)) == len(jax.tree.leaves(params))
   x = np.zeros((2, 7, 7, 1), np.float32)
   np.testing.assert_allclose(model(x), 2.0 * mlp_apply(params, x), rtol=1e-6)
   plain = lambda x: x
-  assert runner_lib._as_pytree_model(plain) is plain
+  assert runner_lib.as_pytree_model(plain) is plain
+
+
+def test_radii_run_alone_draw_the_randomness_of_the_joint_run(trained_mlp, data):
+  # A resumed evaluation runs one radius at a time: with eps_key_index the
+  # random starts of PGD are those of the call over all radii.
+  model = trained_mlp[0]
+  x, y = data
+  suite = [("pgd", attacks.make_pgd(num_steps=2, random_start=True))]
+  kwargs = dict(attacks=suite, norm="linf", batch_size=64)
+  joint = robust_accuracy(jax.random.key(3), model, x, y, eps_list=[0.02, 0.05], **kwargs)
+  for e, eps in enumerate([0.02, 0.05]):
+    alone = robust_accuracy(jax.random.key(3), model, x, y, eps_list=[eps],
+                            eps_key_index=[e], **kwargs)
+    np.testing.assert_array_equal(alone.per_eps[0].robust, joint.per_eps[e].robust)
+  # Without it the second radius draws other starts (index 0): some example differs.
+  other = robust_accuracy(jax.random.key(3), model, x, y, eps_list=[0.05], **kwargs)
+  assert other.per_eps[0].max_perturbation != joint.per_eps[1].max_perturbation or not (
+      np.array_equal(other.per_eps[0].robust, joint.per_eps[1].robust))
+  with pytest.raises(ValueError, match="eps_key_index must give one index per radius"):
+    robust_accuracy(jax.random.key(3), model, x, y, eps_list=[0.05], eps_key_index=[0, 1],
+                    **kwargs)

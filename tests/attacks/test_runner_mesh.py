@@ -43,6 +43,20 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(a.robust, b.robust)
     assert a.robust_accuracy_after == b.robust_accuracy_after
   assert 0 < one.per_eps[1].robust_accuracy < one.clean_accuracy, one.table()
+  # Any axis name, as smoothing's data_axis: a 2 x 2 mesh split over 'batch'.
+  seen.clear()
+  grid = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2), ("batch", "model"))
+  two = attacks.robust_accuracy(jax.random.key(0), logits_fn, x, y, mesh=grid,
+                                data_axis="batch", **kwargs)
+  assert seen and set(seen) == {4}, seen  # split over 'batch', replicated over 'model'
+  for a, b in zip(one.per_eps, two.per_eps):
+    np.testing.assert_array_equal(a.robust, b.robust)
+  try:
+    attacks.robust_accuracy(jax.random.key(0), logits_fn, x, y, mesh=grid, data_axis="data",
+                            **kwargs)
+    raise AssertionError("an unknown data_axis must be an error")
+  except ValueError as e:
+    assert "data_axis 'data' is not an axis of the mesh" in str(e), e
   print("OK")
 """)
 

@@ -1,11 +1,6 @@
 """Adversarial training objectives: jit, eps warm-up, no gradient through the
 attack, and PGD-AT on mnist5k beating standard training under PGD."""
 
-import atexit
-import functools
-import shutil
-import tempfile
-
 import chex
 import flax.linen as nn
 import jax
@@ -16,12 +11,12 @@ import optax
 import pytest
 
 from certjax import attacks
-from certjax.attacks import training as at
+from certjax.attacks import trades as trades_lib
 from certjax.training import config as config_lib
 from certjax.training import objectives
-from certjax.training import train as train_lib
-from configs import mnist5k
+from certjax.training.objectives import adversarial as at
 from tests.attacks.conftest import fast_jit, mlp_apply
+from tests.conftest import trained_run
 
 BATCH = 64
 
@@ -123,7 +118,7 @@ def test_no_gradient_through_the_attack(name, batch):
     if name == "pgd_at":
       return attacks.pgd(key, logits_fn, x, y, eps=eps, norm="l2", num_steps=steps,
                          step_size=alpha)
-    return at.trades_attack(key, logits_fn, x, logits_fn(x), jnp.float32(eps), norm="l2",
+    return trades_lib.trades_attack(key, logits_fn, x, logits_fn(x), jnp.float32(eps), norm="l2",
                             num_steps=steps, step_size=jnp.float32(alpha))
 
   def loss_at(p, x_adv):
@@ -132,7 +127,7 @@ def test_no_gradient_through_the_attack(name, batch):
       return adv
     clean = mlp_apply(p, x)
     return (objectives.cross_entropy(clean, y)
-            + beta * jnp.mean(at.kl_divergence(clean, mlp_apply(p, x_adv))))
+            + beta * jnp.mean(trades_lib.kl_divergence(clean, mlp_apply(p, x_adv))))
 
   @fast_jit
   def grads(p):
@@ -190,27 +185,15 @@ def test_attack_in_train_mode_leaves_batchnorm_statistics_alone(batch):
 EPS = 0.2
 
 
-def mnist5k_config(objective_name):
-  """configs/mnist5k.py with the default MLP, 200 steps (2 s of compute each)."""
-  config = mnist5k.get_config()
-  config.model.name = "mlp"
-  config.num_train_steps = 200
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 0
-  config.objective = objectives.objective_defaults(objective_name)
-  if objective_name == "pgd_at":
-    config.objective.update({"eps": EPS, "num_steps": 5, "rel_step_size": 0.5,
-                             "warmup_fraction": 0.2})
-  return config
-
-
-@functools.lru_cache(maxsize=None)
 def trained(objective_name):
-  """(workdir, TrainResult) of mnist5k_config(objective_name), trained once per
-  process (test_attack_launch.py attacks the standard one through the launcher)."""
-  workdir = tempfile.mkdtemp(prefix=f"certjax_{objective_name}_")
-  atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-  return workdir, train_lib.train_and_evaluate(mnist5k_config(objective_name), workdir)
+  """(workdir, TrainResult) of configs/mnist5k.py (standard) or mnist5k_pgd_at.py
+  at smoke scale, 200 steps of the default MLP, trained once per process
+  (test_attack_launch.py attacks the standard one through the launcher)."""
+  if objective_name == "standard":
+    return trained_run("mnist5k", overrides={"num_train_steps": 200})
+  return trained_run("mnist5k_pgd_at", objective_name, overrides={
+      "num_train_steps": 200, "objective.eps": EPS, "objective.num_steps": 5,
+      "objective.rel_step_size": 0.5, "objective.warmup_fraction": 0.2})
 
 
 @pytest.fixture(scope="module")

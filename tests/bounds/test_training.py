@@ -11,10 +11,11 @@ import pytest
 
 from certjax import data as data_lib
 from certjax.bounds import crown_ibp, ibp_margins, linf_ball, margin_lower_bounds, margin_spec
-from certjax.bounds import training as bt
+from certjax.bounds import certified_training as bt
 from certjax.training import objectives
-from certjax.training import train as train_lib
+from certjax.training.objectives import certified as certified_objectives
 from tests.bounds._util import init_variables, sample_box, uniform
+from tests.conftest import smoke_config, trained_run
 
 NUM_CLASSES = 4
 TRAIN_STEPS = 200  # of each mnist5k run below
@@ -124,7 +125,7 @@ def _evaluate(fn, variables, batch, step):
 
 def test_losses_follow_the_schedules(tiny):
   model, variables, batch, fns, _ = tiny
-  s = bt.make_schedules(dict(bt.CROWN_IBP_DEFAULTS, **HPARAMS), TOTAL)
+  s = bt.make_schedules(dict(certified_objectives.CROWN_IBP_DEFAULTS, **HPARAMS), TOTAL)
   logits_fn = functools.partial(model.apply, variables)
   results = {}
   for name, fn in fns.items():
@@ -215,23 +216,16 @@ def test_a_few_training_steps_with_batchnorm():
 # Certified vs standard training on the embedded MNIST digits.
 
 
-_RUNS = {}
-
-
-def trained_runs(tmp_path_factory):
-  """Workdirs of an IBP-trained and a standard-trained tiny MLP (trained once
-  per process; test_verify_launch.py uses them too)."""
-  if not _RUNS:
-    from configs import mnist5k_ibp  # pylint: disable=g-import-not-at-top
-    for name in ("ibp", "standard"):
-      config = mnist5k_ibp.get_config("tiny")
-      config.num_train_steps = TRAIN_STEPS
-      config.checkpoint_every_steps = 0
-      if name == "standard":
-        config.objective = objectives.objective_defaults("standard")
-      workdir = str(tmp_path_factory.mktemp(f"mnist5k_{name}"))
-      _RUNS[name] = (train_lib.train_and_evaluate(config, workdir), config)
-  return _RUNS
+def trained_runs(tmp_path_factory=None):
+  """{'ibp' | 'standard': (TrainResult, config)} of configs/mnist5k_ibp.py:tiny,smoke
+  (the tiny MLP, 200 steps), trained once per process (test_verify_launch.py uses
+  them too)."""
+  del tmp_path_factory
+  runs = {}
+  for name, overrides in (("ibp", {}), ("standard", {"objective": {"name": "standard"}})):
+    _, result = trained_run("mnist5k_ibp", "tiny", overrides)
+    runs[name] = (result, smoke_config("mnist5k_ibp", "tiny", overrides))
+  return runs
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,11 @@ starts this file as the two processes of a localhost cluster (CERTJAX_*
 variables; the forced CPU device count and the compilation cache come from
 the environment):
 
-    python tests/distributed/_worker.py <workdir> <output.npz>
+    python tests/distributed/_worker.py <workdir> <output.npz> [<foreign workdir>]
+
+With a foreign workdir (the reference's, trained by one process), the
+workers also certify it once it is trained: checkpoints written by one
+process must restore onto two (`certify_foreign`).
 """
 
 import json
@@ -29,11 +33,10 @@ import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
-from certjax.attacks import attack_run  # pylint: disable=g-import-not-at-top
-from certjax.bounds import verify_run  # pylint: disable=g-import-not-at-top
-from certjax.smoothing import certify_run  # pylint: disable=g-import-not-at-top
+from certjax import evaluation  # pylint: disable=g-import-not-at-top
+from certjax import runs  # pylint: disable=g-import-not-at-top
 from certjax.training import train as train_lib  # pylint: disable=g-import-not-at-top
-from configs import mnist5k_smoothing  # pylint: disable=g-import-not-at-top
+from tests.conftest import smoke_config  # pylint: disable=g-import-not-at-top
 
 # 150 eval digits fill neither 3 batches of 64 nor the 4 devices evenly: the
 # last batch is masked padding. The 7 selected images (0, 50, ..., 300) split
@@ -43,8 +46,7 @@ NUM_EVAL, SKIP, MAX = 150, 50, 350
 
 
 def tiny_config():
-  config = mnist5k_smoothing.get_config()
-  config.model.name = "mlp"
+  config = smoke_config("mnist5k_smoothing")
   config.model.kwargs = {"hidden": (32,)}
   config.batch_size = 32
   config.eval_batch_size = 64
@@ -105,18 +107,13 @@ def run(workdir):
     lap("train")
 
     # Groups of 5 and 2 images, the second appended to the TSV by process 0.
-    # Run again, it resumes after the last row: nothing left to certify
+    # Run again, it resumes after the last image: nothing left to certify
     # (no recompilation), the rows are read back and shared with every host.
-    certify_run.run_certification(tiny_config(), workdir)
-    run_all = certify_run.run_certification(tiny_config(), workdir)
-    results = run_all.results
-    out["certify"] = {"idx": results.idx.tolist(), "label": results.label.tolist(),
-                      "predict": results.predict.tolist(), "radius": results.radius.tolist(),
-                      "num_examples": run_all.summary.num_examples,
-                      "files": sorted(os.listdir(os.path.dirname(run_all.tsv_path)))}
+    evaluation.evaluate_workdir(tiny_config(), workdir, "certified")
+    out["certify"] = certify(tiny_config(), workdir)
     lap("certify")
 
-    attack = attack_run.run_attacks(tiny_config(), workdir, verbose=False)
+    attack = evaluation.evaluate_workdir(tiny_config(), workdir, "robust", verbose=False).details
     out["attack"] = {"num_examples": attack.num_examples,
                      "clean_accuracy": attack.clean_accuracy,
                      "correct": attack.correct.astype(int).tolist(),
@@ -124,9 +121,9 @@ def run(workdir):
                      "robust_accuracy_after": [r.robust_accuracy_after for r in attack.per_eps]}
     lap("attack")
 
-    verify = verify_run.run_verification(tiny_config(), workdir)
-    out["verify"] = {k: verify.summary[k] for k in ("num_images", "clean_accuracy")}
-    out["verify"]["num_verified"] = [r["num_verified"] for r in verify.summary["results"]]
+    verify = evaluation.evaluate_workdir(tiny_config(), workdir, "verified").details
+    out["verify"] = {k: verify[k] for k in ("num_images", "clean_accuracy")}
+    out["verify"]["num_verified"] = [r["num_verified"] for r in verify["results"]]
     lap("verify")
   finally:
     absl_logger.removeHandler(remember)
@@ -135,11 +132,38 @@ def run(workdir):
   return params, json.loads(json.dumps(out))  # as the workers' output file holds it
 
 
-def main(workdir, out_path):
+def certify(config, workdir):
+  """Certifies the images of `config` with the model in `workdir`; the results as lists."""
+  result = evaluation.evaluate_workdir(config, workdir, "certified")
+  results = result.details.results
+  return {"idx": results.idx.tolist(), "label": results.label.tolist(),
+          "predict": results.predict.tolist(), "radius": results.radius.tolist(),
+          "num_examples": result.details.summary.num_examples,
+          "files": sorted(f for f in os.listdir(os.path.dirname(result.artifacts["tsv"]))
+                          if not f.endswith(".log.jsonl"))}
+
+
+def certify_foreign(workdir, output_dir, timeout_s=180):
+  """Certifies a workdir trained elsewhere (once its last checkpoint is there)."""
+  final = tiny_config().num_train_steps
+  deadline = time.time() + timeout_s
+  while final not in runs.checkpoint_steps(workdir) or not os.path.exists(
+      os.path.join(workdir, runs.CONFIG_FILE)):
+    if time.time() > deadline:
+      raise TimeoutError(f"{workdir} has no checkpoint at step {final} after {timeout_s} s.")
+    time.sleep(0.5)
+  config = tiny_config()
+  config.certify.output_dir = output_dir
+  return certify(config, workdir)
+
+
+def main(workdir, out_path, foreign=None):
   params, out = run(workdir)
+  if foreign:
+    out["certify_foreign"] = certify_foreign(foreign, workdir + "_foreign_certify")
   out["seconds"]["total"] = round(time.perf_counter() - START, 2)
   np.savez(out_path, *params, summary=json.dumps(out))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], sys.argv[2])
+  main(*sys.argv[1:])

@@ -54,7 +54,8 @@ class Launched:
                         PROCESS_ID=process_id, DISTRIBUTED_TIMEOUT=120))
       log = open(tmp / f"process{process_id}.log", "w")
       self.workers.append((subprocess.Popen(
-          [sys.executable, WORKER, str(tmp / "workdir"), str(tmp / f"out{process_id}.npz")],
+          [sys.executable, WORKER, str(tmp / "workdir"), str(tmp / f"out{process_id}.npz"),
+           str(tmp / "reference")],
           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     self.start_cases = {}
     for name, variables in START_CASES.items():

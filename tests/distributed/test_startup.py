@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from certjax import parallel
-from certjax.attacks import attack_run
+from certjax.evaluation import robust as robust_evaluator
 from certjax.attacks.runner import EpsResult, RobustAccuracyResult
 from tests.distributed._util import certjax_env
 
@@ -147,7 +147,7 @@ def _part(correct, robust_after_each, seconds):
 def test_merge_results_pools_by_example_count():
   one = _part([1, 1, 0], [[[1, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 0, 0]]], seconds=1.0)
   two = _part([1], [[[1], [0]], [[1], [1]]], seconds=3.0)
-  merged = attack_run.merge_results([one, None, two])
+  merged = robust_evaluator.merge_results([one, None, two])
   assert merged.num_examples == 4 and merged.clean_accuracy == 0.75
   np.testing.assert_array_equal(merged.correct, [1, 1, 0, 1])
   first, second = merged.per_eps
@@ -157,4 +157,4 @@ def test_merge_results_pools_by_example_count():
   assert first.seconds == (("a", 3.0), ("b", 3.0))
   assert second.max_perturbation == pytest.approx(0.6)
   with pytest.raises(ValueError, match="at least one non-empty"):
-    attack_run.merge_results([None])
+    robust_evaluator.merge_results([None])

@@ -1,6 +1,9 @@
 """Two processes on localhost (2 forced CPU devices each, jax.distributed with a
 local coordinator) train, certify, attack and verify together; the results must
 equal a single-process run of the same config (tests/distributed/_worker.py).
+Checkpoints restore onto whatever topology evaluates them: the two processes
+certify the workdir the single process trained, and the single process
+certifies the one the two processes trained.
 
 The workers are started by conftest.py; the reference runs in this pytest
 process (one device) while they run. Programs come from the persistent compilation
@@ -79,6 +82,24 @@ def test_certification_matches_single_process_and_resumes(runs):
   # The second run of every process found all 7 images certified.
   for out in (ref, *[o for _, o in outputs]):
     assert len(out["resumed"]) == 1 and "7 of 7 images" in out["resumed"][0]
+
+
+def test_checkpoints_restore_onto_another_topology(runs, launched):
+  (_, ref), outputs = runs
+  # Trained by one process, certified by two: the reference's own certificates.
+  for _, out in outputs:
+    foreign = out["certify_foreign"]
+    for field in ("idx", "label", "predict"):
+      assert foreign[field] == ref["certify"][field], field
+    np.testing.assert_allclose(foreign["radius"], ref["certify"]["radius"], rtol=1e-6)
+  # Trained by two processes, certified by one: the two processes' certificates.
+  config = _worker.tiny_config()
+  config.certify.output_dir = str(launched.tmp / "single_certifies_two")
+  here = _worker.certify(config, str(launched.tmp / "workdir"))
+  two = outputs[0][1]["certify"]
+  for field in ("idx", "label", "predict"):
+    assert here[field] == two[field], field
+  np.testing.assert_allclose(here["radius"], two["radius"], rtol=1e-6)
 
 
 def test_attack_and_verification_match_single_process(runs):

@@ -14,6 +14,7 @@ from scipy import special
 from scipy import stats as scipy_stats
 
 from certjax import smoothing
+from certjax.smoothing import noise
 from certjax.smoothing import sampling
 from tests._subprocess import run_on_cpu_devices
 
@@ -101,8 +102,8 @@ def test_jit_vmap_and_new_weights_do_not_recompile(weights, logits_fn, images, r
   mapped = jax.vmap(lambda k: smoothing.sample_counts(k, logits_fn, images, SIGMA, NUM, 16))(keys)
   np.testing.assert_array_equal(mapped[0], reference_counts)
   # On CPU the loop is compiled with its CPU options (512-bit vectors).
-  counter = sampling._counter_for(images, None)
-  assert counter is sampling._sample_counts_jit_cpu
+  counter = sampling.counter_for(images, None)
+  assert counter is sampling.sample_counts_jit_cpu
   before = counter._cache_size()
   assert before >= 1
   # New weights in a new partial reuse the compiled loop: arrays are arguments.
@@ -113,17 +114,17 @@ def test_jit_vmap_and_new_weights_do_not_recompile(weights, logits_fn, images, r
 
 
 def test_cpu_compiler_options_fall_back_when_rejected(monkeypatch):
-  assert sampling._compiler_options("cpu") == sampling._CPU_COMPILER_OPTIONS
-  assert sampling._compiler_options("gpu") is None
-  monkeypatch.setattr(sampling, "_CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": 1})
-  sampling._cpu_options_accepted.cache_clear()
+  assert sampling.compiler_options("cpu") == sampling.CPU_COMPILER_OPTIONS
+  assert sampling.compiler_options("gpu") is None
+  monkeypatch.setattr(sampling, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": 1})
+  sampling.cpu_options_accepted.cache_clear()
   try:
     with pytest.warns(RuntimeWarning, match="compiling without"):
-      assert sampling._compiler_options("cpu") is None
-    assert sampling._counter_for(np.zeros((1, 2, 2, 1), np.float32), None) is (
-        sampling._sample_counts_jit)
+      assert sampling.compiler_options("cpu") is None
+    assert sampling.counter_for(np.zeros((1, 2, 2, 1), np.float32), None) is (
+        sampling.sample_counts_jit)
   finally:
-    sampling._cpu_options_accepted.cache_clear()
+    sampling.cpu_options_accepted.cache_clear()
 
 
 def test_sharded_over_one_device_mesh(logits_fn, images, reference_counts):
@@ -143,7 +144,7 @@ def test_sharded_over_one_device_mesh(logits_fn, images, reference_counts):
 def test_threefry_noise_is_jax_randoms_stream():
   # The unrolled hash is JAX's threefry2x32 bit for bit.
   words = jax.random.bits(jax.random.key(7), (4, 300), jnp.uint32)
-  ours = jax.jit(sampling._threefry2x32)(words[0, 0], words[1, 0], words[2], words[3])
+  ours = jax.jit(noise.threefry2x32)(words[0, 0], words[1, 0], words[2], words[3])
   # Counts of even size are hashed in pairs (count[c], count[c + size / 2]).
   theirs = jax.extend.random.threefry_2x32(words[:2, 0], words[2:].reshape(-1))
   np.testing.assert_array_equal(np.concatenate(ours), theirs)
@@ -156,7 +157,7 @@ def test_threefry_noise_is_jax_randoms_stream():
 
   @jax.jit
   def ours(words, draws):
-    return [sampling._draw_noise_threefry(words, draws, *case) for case in cases]
+    return [noise.draw_noise(words, draws, *case) for case in cases]
 
   @jax.jit
   def theirs(keys, draws):
@@ -186,7 +187,7 @@ def test_gaussian_transform_accuracy_and_distribution():
   ends = np.array([low, low + 2**-23, -0.99, -0.5, 0.0, 0.3, 0.9966, 0.999,
                    1 - 3 * 2**-24, 1 - 2**-22], np.float32)
   u = np.concatenate([ends, np.linspace(-0.999999, 0.999999, 4001, dtype=np.float32)])
-  ours = np.asarray(jax.jit(sampling._erfinv)(u), np.float64)
+  ours = np.asarray(jax.jit(noise.erfinv)(u), np.float64)
   exact = special.erfinv(u.astype(np.float64))
   assert np.max(np.abs(ours - exact) / np.maximum(1.0, np.abs(exact))) < 2e-6
   # The noise is standard normal: a Kolmogorov-Smirnov test on 200k values.

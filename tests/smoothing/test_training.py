@@ -9,8 +9,9 @@ import optax
 import pytest
 from scipy import special as scipy_special
 
-from certjax.smoothing import training as smoothing_training
+from certjax.smoothing import soft_smoothing
 from certjax.training import objectives
+from certjax.training.objectives import smoothing as smoothing_objectives
 
 NUM_CLASSES = 4
 SHAPE = (8, 8, 1)
@@ -76,11 +77,12 @@ def test_objective_trains_under_jit_with_fresh_noise(name, batch):
     return optax.apply_updates(params, updates), opt_state, loss, metrics
 
   opt_state = tx.init(params)
-  # Different keys draw different noise: the loss differs; the same key repeats it.
-  loss_with = lambda k: float(train_step(params, opt_state, k, jnp.int32(10))[2])  # noqa: E731
+  # The noise comes from the step key: another training key, or the same key
+  # at another step, draws other noise and so another loss.
+  loss_with = lambda k, s: float(train_step(params, opt_state, k, jnp.int32(s))[2])  # noqa: E731
   k1, k2 = jax.random.key(5), jax.random.key(6)
-  assert loss_with(k1) == loss_with(k1)
-  assert loss_with(k1) != loss_with(k2)
+  assert loss_with(k1, 10) != loss_with(k2, 10)
+  assert loss_with(k1, 10) != loss_with(k1, 11)
 
   train_key = jax.random.key(2)
   losses, eps = [], []
@@ -215,10 +217,10 @@ def test_smoothadv_pgd_stays_in_ball_and_raises_the_smoothed_loss():
 
   @jax.jit
   def attack(key, x, labels, noise, eps):
-    x_adv = smoothing_training.smoothadv_pgd(key, logits_fn, x, labels, eps=eps, num_steps=3,
+    x_adv = soft_smoothing.smoothadv_pgd(key, logits_fn, x, labels, eps=eps, num_steps=3,
                                              noise=noise)
     # EOT mode: fresh noise at every step.
-    eot = smoothing_training.smoothadv_pgd(key, logits_fn, x, labels, eps=0.5, num_steps=2,
+    eot = soft_smoothing.smoothadv_pgd(key, logits_fn, x, labels, eps=0.5, num_steps=2,
                                            sigma=0.25, num_noise=4, resample_noise=True)
     return (x_adv, eot, soft_smoothed_nll(logits_fn, x, labels, noise),
             soft_smoothed_nll(logits_fn, x_adv, labels, noise))
@@ -232,19 +234,19 @@ def test_smoothadv_pgd_stays_in_ball_and_raises_the_smoothed_loss():
   eot_norms = np.sqrt(np.sum((eot - x) ** 2, axis=(1, 2, 3)))
   assert eot_norms.max() <= 0.5 + 1e-5 and eot_norms.min() > 0.1
   with pytest.raises(ValueError, match="sigma and num_noise"):
-    smoothing_training.smoothadv_pgd(jax.random.key(4), logits_fn, x, labels, eps=0.5,
+    soft_smoothing.smoothadv_pgd(jax.random.key(4), logits_fn, x, labels, eps=0.5,
                                      num_steps=3)
   with pytest.raises(ValueError, match="eps must be a scalar or one radius per image"):
-    smoothing_training.smoothadv_pgd(jax.random.key(4), logits_fn, x, labels,
+    soft_smoothing.smoothadv_pgd(jax.random.key(4), logits_fn, x, labels,
                                      eps=jnp.ones(2), num_steps=3, noise=noise)
 
 
 def test_smoothadv_warmup_fraction_of_the_run():
   hparams = objectives.objective_defaults("smoothadv")
   hparams.eps_warmup_fraction = 0.1
-  assert smoothing_training._warmup_steps(hparams, 250) == 25
+  assert smoothing_objectives.eps_warmup_steps(hparams, 250) == 25
   hparams.eps_warmup_steps = 7  # an explicit step count wins
-  assert smoothing_training._warmup_steps(hparams, 250) == 7
+  assert smoothing_objectives.eps_warmup_steps(hparams, 250) == 7
 
 
 # ------------------------------------------------------------ bad hyperparameters

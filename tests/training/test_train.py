@@ -3,34 +3,29 @@ reproducibility, bad input and checkpoint safety."""
 
 import json
 import os
+import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from certjax.training import config as config_lib
 from certjax.training import metrics as metrics_lib
 from certjax.training import train as train_lib
+from tests.conftest import smoke_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config(**overrides):
-  config = config_lib.base_config()
-  config.data.name = "mnist5k"
-  config.model.name = "mlp"
-  config.model.kwargs = {"hidden": (32,)}
-  config.batch_size = 100
-  config.num_train_steps = 60
-  config.eval_batch_size = 500
-  config.log_every_steps = 20
-  config.checkpoint_every_steps = 20
-  config.optimizer.learning_rate = 3e-3
-  for key, value in overrides.items():
-    node = config
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return config
+  """configs/mnist5k.py at smoke scale: a 32-unit MLP, 60 steps, checkpoints every 20."""
+  return smoke_config("mnist5k", overrides={
+      "model.kwargs": {"hidden": (32,)}, "num_train_steps": 60, "log_every_steps": 20,
+      "checkpoint_every_steps": 20, "optimizer.learning_rate": 3e-3,
+      # A constant rate: a run stopped at step 40 then continued to 60 follows
+      # the same schedule as one of 60 steps.
+      "optimizer.schedule": "constant", **overrides})
 
 
 def params_of(result):
@@ -170,8 +165,60 @@ def test_bfloat16_compute_trains(tmp_path):
   assert result.eval_metrics["accuracy"] > 0.5
 
 
-def test_lazy_subpackages():
-  import certjax
-  assert certjax.training.train_and_evaluate is train_lib.train_and_evaluate
-  with pytest.raises(AttributeError):
-    certjax.no_such_thing  # pylint: disable=pointless-statement
+def test_import_certjax_alone_stays_light():
+  script = ("import sys, certjax; print(sorted(m for m in sys.modules "
+            "if m.startswith(('certjax.', 'jax', 'flax', 'orbax'))))")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       check=True, cwd=ROOT).stdout
+  assert out.strip() == "[]", out
+
+
+def _tensorboard_scalars(directory):
+  """(tag, step) -> values as TensorBoard shows them: event files in order, and a
+  SessionLog START at step s (a `purge_step`) hides earlier events of steps >= s."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  scalars = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      length = struct.unpack("<Q", data[offset:offset + 8])[0]
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        scalars = {k: v for k, v in scalars.items() if k[1] < event.step}
+      for value in event.summary.value:
+        scalars.setdefault((value.tag, event.step), []).append(value.simple_value)
+  return scalars
+
+
+def test_resumed_run_logs_every_step_once(full_run, tmp_path):
+  # A run killed after its checkpoint at step 20 but after logging steps 40
+  # and 60: the resumed run logs them again, and they must not appear twice.
+  import shutil
+  workdir = str(tmp_path / "killed")
+  shutil.copytree(full_run.workdir, workdir)
+  for step in ("40", "60"):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+  before = metrics_lib.read_metrics(workdir)
+  resumed = train_lib.train_and_evaluate(tiny_config(), workdir)
+  assert_trees_equal(params_of(resumed), params_of(full_run))
+  records = metrics_lib.read_metrics(workdir)
+  pairs = [(r["step"], r["split"]) for r in records]
+  assert sorted(pairs) == sorted(set(pairs)) == sorted(
+      (r["step"], r["split"]) for r in before)
+  # Step 20 is the killed run's record, steps 40 and 60 the resumed run's.
+  old_time = {(r["step"], r["split"]): r["time"] for r in before}
+  for r in records:
+    same = r["time"] == old_time[(r["step"], r["split"])]
+    assert same == (r["step"] <= 20), r
+  tb = _tensorboard_scalars(os.path.join(workdir, metrics_lib.TENSORBOARD_DIR))
+  assert {step for _, step in tb} == {20, 40, 60}
+  assert all(len(values) == 1 for values in tb.values()), {
+      k: v for k, v in tb.items() if len(v) > 1}
+  assert tb["train/loss", 60] == [pytest.approx(
+      [r["loss"] for r in records if r["split"] == "train" and r["step"] == 60][0])]
+  # Started again once finished, the run logs nothing twice.
+  train_lib.train_and_evaluate(tiny_config(), workdir)
+  assert metrics_lib.read_metrics(workdir) == records

@@ -1,5 +1,6 @@
-"""Certification of a trained workdir: Cohen's files, skip/max, invariance to
-grouping, resume, the launch script, and an attack inside the certified radii."""
+"""The 'certified' evaluator on a trained workdir: Cohen's files, skip/max,
+invariance to grouping, resume, the launch script, and an attack inside the
+certified radii."""
 
 import json
 import os
@@ -12,13 +13,12 @@ import numpy as np
 import pytest
 
 from certjax import data as data_lib
+from certjax import evaluation
 from certjax import models
+from certjax import runs
 from certjax import smoothing
-from certjax.smoothing import analysis
-from certjax.smoothing import certify_run
-from certjax.smoothing import training as smoothing_training
-from certjax.training import train as train_lib
-from configs import mnist5k_smoothing
+from certjax.evaluation import certified
+from tests.conftest import smoke_config, trained_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIGMA = 0.25
@@ -28,29 +28,35 @@ CERTIFY = {"n0": 32, "n": 256, "alpha": 0.01, "batch_size": 256, "images_per_cal
 
 
 def small_config(**certify):
-  config = mnist5k_smoothing.get_config()
-  config.model.name = "mlp"  # compiles faster than the config's ibp_small
-  config.num_train_steps = 100
-  config.data.num_eval_examples = 200
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 0
-  config.objective.sigma = SIGMA
-  for key, value in {**CERTIFY, **certify}.items():
-    config.certify[key] = value
-  return config
+  """configs/mnist5k_smoothing.py at smoke scale (the default MLP, 100 steps)."""
+  return smoke_config("mnist5k_smoothing", overrides={
+      "data.num_eval_examples": 200, "objective.sigma": SIGMA,
+      **{f"certify.{k}": v for k, v in {**CERTIFY, **certify}.items()}})
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("smoothing_run"))
-  train_lib.train_and_evaluate(small_config(), path)
-  return path
+def workdir():
+  return trained_run("mnist5k_smoothing", overrides={"data.num_eval_examples": 200,
+                                                      "objective.sigma": SIGMA})[0]
+
+
+class Run:
+  """What one certification wrote: the evaluator's result and its files."""
+
+  def __init__(self, result):
+    self.result = result
+    self.results = result.details.results
+    self.table = result.details.table
+    self.tsv_path = result.artifacts["tsv"]
+    self.json_path = result.artifacts["json"]
+    self.summary_path = result.artifacts["md"]
+    self.plot_path = result.artifacts["png"]
 
 
 def run(workdir, output_dir, skip, max_index, **certify):
   config = small_config(output_dir=str(output_dir), **certify)
   config.skip, config.max = skip, max_index
-  return certify_run.run_certification(config, workdir)
+  return Run(evaluation.evaluate_workdir(config, workdir, "certified"))
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +102,14 @@ def test_writes_cohen_tsv_summary_and_plot(first_run):
   assert "| sigma=0.25 |" in first_run.table
   with open(first_run.plot_path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  # Cohen's analysis reader (ours) reads it back.
-  assert analysis.read_tsv(first_run.tsv_path).idx.size == 10
+  # Cohen's analysis reader (ours) reads it back, and so does the notebooks' reader.
+  assert certified.read_tsv(first_run.tsv_path).idx.size == 10
+  (record,) = certified.read_results(first_run.json_path)
+  assert record.sigma == SIGMA and record.objective == "gaussian"
+  # The TSV holds radii to 6 significant digits.
+  np.testing.assert_allclose(record.results.radius, results.radius, rtol=1e-5)
+  # The largest radius n allows is in the JSON and on the plot's legend.
+  assert record.record["max_certifiable_radius"] == pytest.approx(cap, rel=1e-6)
 
 
 def test_certificates_do_not_depend_on_grouping_or_selection(workdir, first_run, tmp_path):
@@ -109,7 +121,30 @@ def test_certificates_do_not_depend_on_grouping_or_selection(workdir, first_run,
 
 
 def test_interrupted_run_resumes_after_its_last_row(workdir, first_run, tmp_path):
+  # A run killed after its first group of 5: its log holds those 5 images and
+  # a line cut short by the kill.
   output = tmp_path / "resume"
+  os.makedirs(output)
+  log = first_run.tsv_path[:-len(".tsv")] + ".log.jsonl"
+  partial_log = os.path.join(output, os.path.basename(log))
+  with open(log) as f:
+    lines = f.read().splitlines()
+  with open(partial_log, "w") as f:
+    f.write("\n".join(lines[:6]) + "\n" + lines[6][:20])  # fingerprint, 5 rows, a torn line
+  resumed = run(workdir, output, 40, 400)
+  assert os.path.dirname(resumed.tsv_path) == str(output)
+  assert rows_without_time(resumed.results) == rows_without_time(first_run.results)
+  # The first five rows were kept, not recomputed (their times are unchanged)...
+  np.testing.assert_array_equal(resumed.results.time[:5], first_run.results.time[:5])
+  # ...and the other five were (a fresh measurement of the time).
+  assert not np.array_equal(resumed.results.time[5:], first_run.results.time[5:])
+  with open(partial_log) as f:
+    assert len([line for line in f.read().splitlines() if line.strip()]) == 1 + 10
+
+
+def test_a_tsv_without_log_is_resumed_from(workdir, first_run, tmp_path):
+  # A TSV written by an earlier certjax (no log) under the same run name.
+  output = tmp_path / "old"
   os.makedirs(output)
   partial = os.path.join(output, os.path.basename(first_run.tsv_path))
   with open(first_run.tsv_path) as f:
@@ -119,23 +154,34 @@ def test_interrupted_run_resumes_after_its_last_row(workdir, first_run, tmp_path
   resumed = run(workdir, output, 40, 400)
   assert resumed.tsv_path == partial
   assert rows_without_time(resumed.results) == rows_without_time(first_run.results)
-  # The first five rows were kept, not recomputed (their times are unchanged).
-  np.testing.assert_array_equal(resumed.results.time[:5], first_run.results.time[:5])
+  np.testing.assert_allclose(resumed.results.time[:5], first_run.results.time[:5], rtol=1e-5)
+
+
+def test_a_log_of_other_settings_is_set_aside(workdir, first_run, tmp_path):
+  output = tmp_path / "stale"
+  os.makedirs(output)
+  log = os.path.join(output, os.path.basename(first_run.tsv_path)[:-len(".tsv")] + ".log.jsonl")
+  with open(log, "w") as f:
+    f.write(json.dumps({"fingerprint": {"n": 1}}) + "\n"
+            + json.dumps({"unit": "0", "label": 0, "predict": 0, "radius": 9.0, "time": 1.0}))
+  resumed = run(workdir, output, 40, 400)
+  assert rows_without_time(resumed.results) == rows_without_time(first_run.results)
+  assert os.path.exists(log + ".stale")
 
 
 def test_bad_settings_are_named(workdir, tmp_path):
   config = small_config(output_dir=str(tmp_path))
   config.objective = {"name": "standard"}
   with pytest.raises(ValueError, match="certify.sigma"):
-    certify_run.run_certification(config, workdir)
+    evaluation.evaluate_workdir(config, workdir, "certified")
   with pytest.raises(ValueError, match="certify.n=5 can never certify"):
-    certify_run.run_certification(small_config(n=5, alpha=0.001), workdir)
+    evaluation.evaluate_workdir(small_config(n=5, alpha=0.001), workdir, "certified")
   config = small_config()
   config.skip = 0
   with pytest.raises(ValueError, match="skip must be an integer >= 1"):
-    certify_run.run_certification(config, workdir)
+    evaluation.evaluate_workdir(config, workdir, "certified")
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    certify_run.run_certification(small_config(), str(tmp_path / "empty"))
+    evaluation.evaluate_workdir(small_config(), str(tmp_path / "empty"), "certified")
 
 
 def test_launch_certify_prints_table_and_paths(workdir, first_run):
@@ -149,7 +195,8 @@ def test_launch_certify_prints_table_and_paths(workdir, first_run):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.certify", "--config=configs/mnist5k_smoothing.py",
        f"--workdir={workdir}", "--config.skip=100", "--config.max=500",
-       "--config.objective.sigma=0.25", "--config.model.name=mlp", *overrides],
+       "--config.objective.sigma=0.25", "--config.model.name=mlp",
+       "--config.model.kwargs={}", *overrides],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Certified accuracy (sigma=0.25, 5 images" in proc.stdout
@@ -170,7 +217,7 @@ def test_eot_attack_inside_certified_radius_does_not_flip(workdir, first_run):
   reveal certificates that overstate the radius by that much (measured: at
   twice the radius it already flips 4 of 10).
   """
-  model, variables, _, _ = train_lib.load_trained(workdir)
+  model, variables, _, _ = runs.load_trained(workdir)
   logits_fn = models.make_logits_fn(model, variables)
   results = first_run.results
   certified = results.predict >= 0
@@ -183,7 +230,7 @@ def test_eot_attack_inside_certified_radius_does_not_flip(workdir, first_run):
 
   @jax.jit
   def attack(eps):
-    return smoothing_training.smoothadv_pgd(
+    return smoothing.smoothadv_pgd(
         jax.random.key(7), logits_fn, x, predicted, eps=eps, num_steps=5, sigma=SIGMA,
         num_noise=16, resample_noise=True)
 

@@ -1,5 +1,5 @@
-"""launch/attack.py end to end on a briefly trained mnist5k MLP, and the
-config section behind it."""
+"""launch/attack.py (the 'robust' evaluator) end to end on a briefly trained
+mnist5k MLP, and the config section behind it."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from certjax.attacks import attack_run
-from certjax.attacks import config as attack_config
+from certjax import evaluation
+from certjax.evaluation import robust as attack_config
 from tests.attacks import test_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,4 +75,4 @@ def test_build_attacks_names_and_errors():
 def test_run_attacks_without_checkpoint_says_so(tmp_path):
   from configs import mnist5k
   with pytest.raises(FileNotFoundError, match="train first"):
-    attack_run.run_attacks(mnist5k.get_config(), str(tmp_path))
+    evaluation.evaluate_workdir(mnist5k.get_config(), str(tmp_path), "robust")

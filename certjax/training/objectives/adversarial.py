@@ -1,7 +1,7 @@
 """Adversarial training objectives: PGD-AT, TRADES and fast FGSM-AT.
 
-Registered in the training objectives registry (`certjax.training.objectives`)
-and chosen by `config.objective.name`:
+Registered in the training objectives registry and chosen by
+`config.objective.name`:
 
   'pgd_at'   Madry et al. 2018: minimise the cross-entropy at the PGD point.
   'trades'   Zhang et al. 2019: CE(f(x), y) + beta * KL(f(x) || f(x')), x' the
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from jax import lax
@@ -56,14 +55,14 @@ from jax import lax
 from certjax import validation
 from certjax.attacks import norms
 from certjax.attacks.pgd import pgd
-from certjax.training.objectives import (LossFn, ObjectiveContext, accuracy,
-                                         cross_entropy, register_objective)
+from certjax.attacks.trades import kl_divergence, trades_attack
+from certjax.training.objectives.registry import (LossFn, ObjectiveContext, accuracy,
+                                                  cross_entropy, register_objective)
 from certjax.types import Array, ArrayLike
 
 ATTACK_MODES = ("eval", "train")
 # The adversarial-training objectives this module registers.
 OBJECTIVE_NAMES = ("pgd_at", "trades", "fast_at")
-_TRADES_INIT_STD = 0.001  # the start x + 0.001 N(0, I) of Zhang et al.'s code
 
 _COMMON = {
     "eps": 0.3,
@@ -184,32 +183,6 @@ def fast_at(hparams: ml_collections.ConfigDict, ctx: ObjectiveContext) -> LossFn
                random_start=True)
 
   return _adversarial_ce_loss(ctx, hparams, num_warmup, make_x_adv)
-
-
-def kl_divergence(p_logits: Array, q_logits: Array) -> Array:
-  """Per-example KL(softmax(p_logits) || softmax(q_logits))."""
-  log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32), -1)
-  log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32), -1)
-  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-
-
-def trades_attack(key: Any, logits_fn: Any, x: Array, clean_logits: Array, eps: Array,
-                  *, norm: str, num_steps: int, step_size: Array) -> Array:
-  """TRADES' inner maximisation of KL(f(x) || f(x')) over the eps ball ∩ [0, 1].
-
-  Starts at x + 0.001 N(0, I) (projected), then `num_steps` steepest-ascent
-  steps (signed gradient for 'linf'), each projected.
-  """
-  p_logits = lax.stop_gradient(clean_logits)
-  start = x + _TRADES_INIT_STD * jax.random.normal(key, x.shape, x.dtype)
-  x_adv = norms.project(start, x, eps, norm)
-  step = step_size.astype(x.dtype)
-
-  def body(_, x_adv):
-    grad = jax.grad(lambda z: jnp.sum(kl_divergence(p_logits, logits_fn(z))))(x_adv)
-    return norms.project(x_adv + step * norms.steepest_direction(grad, norm), x, eps, norm)
-
-  return lax.fori_loop(0, num_steps, body, x_adv)
 
 
 @register_objective("trades", defaults={

@@ -1,4 +1,4 @@
-"""launch/verify.py end to end, and run_verification's selection, guard and errors."""
+"""launch/verify.py (the 'verified' evaluator) end to end: selection, guard and errors."""
 
 import json
 import os
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from certjax import data as data_lib
-from certjax.bounds import config as verify_config
+from certjax import evaluation
 from certjax.bounds import verified_accuracy
-from certjax.bounds import verify_run
+from certjax.evaluation import verified as verify_config
 from certjax.training import config as config_lib
 from tests.bounds.test_training import trained_runs
 
@@ -29,7 +29,7 @@ def test_launch_verify_writes_json_and_table(ibp_run):
   run, _ = ibp_run
   env = dict(os.environ, PYTHONPATH=ROOT)
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.verify", "--config=configs/mnist5k_ibp.py:tiny",
+      [sys.executable, "-m", "launch.verify", "--config=configs/mnist5k_ibp.py:tiny,smoke",
        f"--workdir={run.workdir}", f"--config.skip={SKIP}", f"--config.max={MAX}",
        "--config.verify.eps_list=(0.05,0.1)", "--config.verify.batch_size=16"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -70,18 +70,19 @@ def test_crown_guard_and_errors(ibp_run, tmp_path):
   config.compute_dtype = "bfloat16"  # verification rebuilds the model in float32
   config.verify.methods = ("ibp", "crown")
   config.verify.crown_max_neurons = 50  # the tiny MLP has 100 ReLUs
-  result = verify_run.run_verification(config, run.workdir)
-  assert result.summary["num_images"] == 10
-  assert [r["method"] for r in result.summary["results"]] == ["ibp"]
-  assert "100 ReLU neurons" in result.summary["skipped"][0]["reason"]
+  result = evaluation.evaluate_workdir(config, run.workdir, "verified")
+  summary = result.details
+  assert summary["num_images"] == 10
+  assert [r["method"] for r in summary["results"]] == ["ibp"]
+  assert "100 ReLU neurons" in summary["skipped"][0]["reason"]
   assert "crown skipped" in result.table
-  assert 0.5 < result.summary["clean_accuracy"] <= 1
+  assert 0.5 < summary["clean_accuracy"] <= 1
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    verify_run.run_verification(config, str(tmp_path))
+    evaluation.evaluate_workdir(config, str(tmp_path), "verified")
   config.verify.methods = ("ibp", "lp")
   with pytest.raises(ValueError, match="verify.methods"):
-    verify_config.validate(config.verify)
+    verify_config.validate_settings(config.verify)
   config.verify.methods = ("ibp",)
   config.max = 0
   with pytest.raises(ValueError, match="select no image"):
-    verify_run.run_verification(config, run.workdir)
+    evaluation.evaluate_workdir(config, run.workdir, "verified")

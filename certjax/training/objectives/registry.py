@@ -1,4 +1,4 @@
-"""Registry of training objectives.
+"""The registry of training objectives (`config.objective.name` -> loss function).
 
 An objective is the loss that one training step minimises. The training loop
 knows nothing of what happens inside; adversarial, certified and smoothing
@@ -25,7 +25,6 @@ must be pure and traceable. `metrics_dict` maps names to scalar batch means
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -40,14 +39,6 @@ from certjax.types import Array, LogitsFn, PRNGKey
 LossFn = Callable[[Any, Any, Mapping[str, Array], PRNGKey, Array],
                   tuple[Array, tuple[dict[str, Array], Any]]]
 Factory = Callable[[ml_collections.ConfigDict, "ObjectiveContext"], LossFn]
-
-# Modules that register further objectives when imported. Missing ones are
-# skipped, so the registry works while those subpackages are being written.
-_PLUGIN_MODULES = (
-    "certjax.attacks.training",
-    "certjax.bounds.training",
-    "certjax.smoothing.training",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,17 +102,8 @@ def register_objective(name: str, defaults: Mapping[str, Any] | None = None
   return decorate
 
 
-def _load_plugins() -> None:
-  for module in _PLUGIN_MODULES:
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:
-      if e.name is None or not module.startswith(e.name):
-        raise
-
-
 def objective_names() -> tuple[str, ...]:
-  _load_plugins()
+  """Names of every registered objective, sorted."""
   return tuple(sorted(_REGISTRY))
 
 
@@ -129,6 +111,26 @@ def objective_defaults(name: str) -> ml_collections.ConfigDict:
   """The hyperparameters of objective `name` with their defaults (and `name`)."""
   validation.check_choice(name, "objective", objective_names())
   return ml_collections.ConfigDict({"name": name, **_REGISTRY[name].defaults})
+
+
+def check_objective_config(objective_config: ml_collections.ConfigDict | Mapping[str, Any]
+                           ) -> None:
+  """Checks the name and hyperparameter keys of `config.objective` (values are
+  checked when the objective is built, which needs the run's length).
+
+  Raises:
+    ValueError: an unknown objective name or hyperparameter.
+  """
+  cfg = dict(objective_config)
+  name = cfg.pop("name", None)
+  validation.check_choice(name, "objective", objective_names())
+  defaults = _REGISTRY[name].defaults
+  unknown = sorted(set(cfg) - set(defaults))
+  if unknown:
+    accepted = ", ".join(sorted(defaults)) or "(none)"
+    raise ValueError(
+        f"Objective {name!r} got unknown hyperparameter(s) {unknown}. "
+        f"Accepted: {accepted}.")
 
 
 def get_objective(objective_config: ml_collections.ConfigDict | Mapping[str, Any],
@@ -139,21 +141,15 @@ def get_objective(objective_config: ml_collections.ConfigDict | Mapping[str, Any
     ValueError: for an unknown objective name or a hyperparameter the
       objective does not take (naming the accepted ones).
   """
+  check_objective_config(objective_config)
   cfg = dict(objective_config)
-  name = cfg.pop("name", None)
-  validation.check_choice(name, "objective", objective_names())
-  entry = _REGISTRY[name]
-  unknown = sorted(set(cfg) - set(entry.defaults))
-  if unknown:
-    accepted = ", ".join(sorted(entry.defaults)) or "(none)"
-    raise ValueError(
-        f"Objective {name!r} got unknown hyperparameter(s) {unknown}. "
-        f"Accepted: {accepted}.")
+  entry = _REGISTRY[cfg.pop("name")]
   hparams = ml_collections.ConfigDict({**entry.defaults, **cfg})
   return entry.factory(hparams, ctx)
 
 
 def accuracy(logits: Array, labels: Array) -> Array:
+  """Fraction of rows whose argmax logit is the label."""
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
@@ -164,18 +160,3 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) ->
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
-
-
-@register_objective("standard", defaults={"label_smoothing": 0.0})
-def standard(hparams: ml_collections.ConfigDict, ctx: ObjectiveContext) -> LossFn:
-  """Plain empirical risk minimisation with softmax cross-entropy."""
-  validation.check_positive(hparams.label_smoothing, "objective.label_smoothing",
-                            allow_zero=True)
-
-  def loss_fn(params, model_state, batch, key, step):
-    del key, step
-    logits, new_state = ctx.forward(params, model_state, batch["image"], train=True)
-    loss = cross_entropy(logits, batch["label"], hparams.label_smoothing)
-    return loss, ({"loss": loss, "accuracy": accuracy(logits, batch["label"])}, new_state)
-
-  return loss_fn

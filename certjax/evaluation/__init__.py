@@ -1,0 +1,51 @@
+"""Evaluators by name: robust, verified and certified accuracy, and the families to come.
+
+  registry: the protocol (`EvalContext` -> `EvalResult`), `register_evaluator`,
+    `get_evaluator(name, settings, num_classes)`, `evaluator_names()`.
+  common: what every evaluator shares: host split and gather, resumable
+    logs, atomic result files, progress with ETA.
+  robust: 'robust' (config section `attack`): robust accuracy under a
+    sequence of attacks, per radius.
+  verified: 'verified' (section `verify`): IBP / CROWN-IBP / CROWN verified
+    accuracy.
+  certified: 'certified' (section `certify`): randomized-smoothing certified
+    accuracy (Cohen et al.'s CERTIFY), Cohen's TSV files.
+  plots: every picture of a result.
+  workdir: `evaluate_workdir(config, workdir, name)` on a trained workdir.
+
+Readers live beside their writers: `robust.read_results`,
+`verified.read_results` / `verified.result_rows`, `certified.read_results` /
+`certified.read_tsv`.
+
+Each evaluator module registers itself when imported; this package imports
+them all. The training loop calls evaluators (`config.evals`); evaluators
+never import the training loop.
+"""
+
+from certjax.evaluation.registry import EvalContext
+from certjax.evaluation.registry import EvalData
+from certjax.evaluation.registry import EvalResult
+from certjax.evaluation.registry import EvalSetup
+from certjax.evaluation.registry import Evaluator
+from certjax.evaluation.registry import EvaluatorSpec
+from certjax.evaluation.registry import evaluator_defaults
+from certjax.evaluation.registry import evaluator_names
+from certjax.evaluation.registry import get_evaluator
+from certjax.evaluation.registry import get_spec
+from certjax.evaluation.registry import merged_settings
+from certjax.evaluation.registry import register_evaluator
+from certjax.evaluation.registry import validate_settings
+# Imported for their registrations (and as the evaluators' public home).
+from certjax.evaluation import certified  # pylint: disable=g-bad-import-order
+from certjax.evaluation import common
+from certjax.evaluation import plots
+from certjax.evaluation import robust
+from certjax.evaluation import verified
+from certjax.evaluation.workdir import evaluate_workdir
+
+__all__ = [
+    "EvalContext", "EvalData", "EvalResult", "EvalSetup", "Evaluator", "EvaluatorSpec",
+    "certified", "common", "evaluate_workdir", "evaluator_defaults", "evaluator_names",
+    "get_evaluator", "get_spec", "merged_settings", "plots", "register_evaluator", "robust",
+    "validate_settings", "verified",
+]

@@ -1,0 +1,228 @@
+"""What every evaluator shares: host split and gather, resumable logs, result files, progress.
+
+One way for each, used by every evaluator:
+
+  * Split and gather over hosts: host h takes the contiguous share
+    `parallel.host_share` of the selected examples, loads only those, and
+    computes on its own devices (`local_mesh`); per-example outcomes are
+    gathered once with `gather_shares` (an all-gather of the padded shares,
+    padding dropped), so every host holds the same full result and every
+    example counts exactly once. Process 0 writes the files.
+  * Resume: `ResumeLog` appends each finished unit of work (an image, a
+    radius, a method at a radius) as a JSON line under a fingerprint of
+    everything that determines the results; a restarted run skips the units
+    already there. Process 0 reads it and broadcasts what it read.
+  * Result files: `write_results` writes JSON, Markdown and an optional PNG
+    atomically (process 0 only), so a reader never sees half a file and an
+    interrupted run never destroys the previous one.
+  * Progress: `progress(...)` lines with rate and ETA (`certjax.runs.Progress`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from certjax import parallel
+from certjax.evaluation.registry import EvalContext, EvalData
+from certjax.runs import files
+from certjax.runs.progress import Progress
+
+
+def local_mesh() -> Mesh:
+  """This host's devices as a one-axis 'data' mesh: evaluators split work over
+  hosts themselves and need no communication inside a compiled call."""
+  return parallel.local_mesh()
+
+
+def local_variables(variables: Any, mesh: Mesh) -> Any:
+  """`variables` replicated on this host's devices.
+
+  Variables restored onto the global mesh (every device of every process)
+  are fully replicated, so each host can read them whole.
+  """
+  return parallel.replicate(jax.device_get(variables), mesh)
+
+
+class HostShare:
+  """This host's contiguous share of the selected examples, loaded.
+
+  Attributes:
+    indices: dataset indices of this host's examples (possibly empty).
+    x, y: their images and labels.
+    size: the padded share size every host uses for gathering.
+    count: the number of examples over all hosts.
+  """
+
+  def __init__(self, data: EvalData, positions: np.ndarray | None = None):
+    selected = data.indices if positions is None else data.indices[positions]
+    share, self.size = parallel.host_share(len(selected))
+    self.count = int(len(selected))
+    self.indices = np.asarray(selected[share], np.int64)
+    if self.indices.size:
+      self.x, self.y = data.load(self.indices)
+    else:
+      self.x, self.y = None, np.zeros(0, np.int32)
+
+
+def gather_shares(local: Any, size: int, count: int) -> Any:
+  """Every host's per-example arrays, concatenated in host order, on every host.
+
+  Args:
+    local: a pytree of arrays whose leading axis is this host's share (at
+      most `size` rows).
+    size: the padded share size (`HostShare.size`).
+    count: the total number of examples.
+
+  Returns:
+    The same pytree with leading axis `count`, identical on every host.
+  """
+  padded = jax.tree.map(lambda a: parallel.pad_rows(a, size), local)
+  gathered = parallel.process_allgather(padded)
+  return jax.tree.map(lambda g: parallel.unpad_shares(g, count), gathered)
+
+
+def broadcast_json(value: Any) -> Any:
+  """Process 0's JSON-serialisable `value` on every host (the others' is ignored)."""
+  if jax.process_count() == 1:
+    return value
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if parallel.is_main_process() \
+      else np.zeros(0, np.uint8)
+  length = int(parallel.broadcast_from_main(np.int64(data.size)))
+  buffer = np.zeros(length, np.uint8)
+  buffer[:data.size] = data[:length]
+  return json.loads(parallel.broadcast_from_main(buffer).tobytes().decode())
+
+
+class ResumeLog:
+  """The finished units of an evaluation run, so that a restarted run skips them.
+
+  JSON lines in `path`: first `{"fingerprint": ...}`, then one
+  `{"unit": <key>, ...payload}` per finished unit. A log written under another
+  fingerprint (other settings, checkpoint, images or library version of the
+  results) is moved aside to `<path>.stale` and the run starts afresh.
+  Appends are whole lines followed by fsync; a line cut short by a kill is
+  ignored. Process 0 reads and writes; every host gets what it read.
+
+  Args:
+    path: the log file; None disables resuming (nothing is read or written).
+    fingerprint: a JSON-serialisable description of everything that
+      determines the results of a unit.
+  """
+
+  def __init__(self, path: str | None, fingerprint: Mapping[str, Any]):
+    self.path = path
+    self.fingerprint = json.loads(json.dumps(dict(fingerprint), default=str))
+    self._main = parallel.is_main_process()
+    done: dict[str, dict] = {}
+    if path is not None and self._main:
+      records = files.read_jsonl(path)
+      if records and records[0].get("fingerprint") == self.fingerprint:
+        done = {str(r["unit"]): r for r in records[1:] if "unit" in r}
+      else:
+        if records:
+          os.replace(path, path + ".stale")
+          logging.warning("%s was written with other settings; moved it to %s.stale and "
+                          "starting afresh.", path, path)
+        files.rewrite_jsonl(path, [{"fingerprint": self.fingerprint}])
+    self.completed: dict[str, dict] = broadcast_json(done) if path is not None else {}
+
+  def record(self, unit: str, payload: Mapping[str, Any]) -> None:
+    """Marks `unit` finished with `payload` (process 0 writes; every host remembers)."""
+    self.record_many({unit: payload})
+
+  def record_many(self, payloads: Mapping[str, Mapping[str, Any]]) -> None:
+    """Marks several units finished, in one append."""
+    records = [json.loads(json.dumps({"unit": str(unit), **dict(payload)}, default=float))
+               for unit, payload in payloads.items()]
+    for record in records:
+      self.completed[record["unit"]] = record
+    if self.path is not None and self._main:
+      files.append_jsonl(self.path, records)
+
+
+def environment() -> dict[str, Any]:
+  """Where a result was computed: devices, processes, versions (for result files)."""
+  return {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+          "num_devices": jax.device_count(), "num_processes": jax.process_count(),
+          "host": platform.platform(), "jax_version": jax.__version__}
+
+
+def write_results(output_dir: str | None, stem: str, payload: Mapping[str, Any], table: str,
+                  figure: Any = None, extra: Mapping[str, str] | None = None
+                  ) -> dict[str, str]:
+  """Writes `<stem>.json`, `<stem>.md` and `<stem>.png` under `output_dir` atomically.
+
+  Only process 0 writes; every process returns the same paths.
+
+  Args:
+    output_dir: the directory; None writes nothing and returns {}.
+    stem: the file name without extension.
+    payload: the JSON content.
+    table: the Markdown content.
+    figure: a matplotlib `Figure` to save as PNG, or None.
+    extra: further files, extension -> text (e.g. {'tsv': ...}).
+
+  Returns:
+    kind -> path of the files written ('json', 'md', 'png', and `extra`'s).
+  """
+  if output_dir is None:
+    return {}
+  paths = {"json": os.path.join(output_dir, f"{stem}.json"),
+           "md": os.path.join(output_dir, f"{stem}.md")}
+  if figure is not None:
+    paths["png"] = os.path.join(output_dir, f"{stem}.png")
+  for ext in (extra or {}):
+    paths[ext] = os.path.join(output_dir, f"{stem}.{ext}")
+  if parallel.is_main_process():
+    os.makedirs(output_dir, exist_ok=True)
+    for ext, text in (extra or {}).items():
+      files.atomic_write_text(paths[ext], text)
+    files.atomic_write_json(paths["json"], payload)
+    files.atomic_write_text(paths["md"], table if table.endswith("\n") else table + "\n")
+    if figure is not None:
+      import io  # pylint: disable=import-outside-toplevel
+      buffer = io.BytesIO()
+      figure.savefig(buffer, format="png")
+      files.atomic_write_bytes(paths["png"], buffer.getvalue())
+  return paths
+
+
+def log_path(ctx: EvalContext, stem: str) -> str | None:
+  """Where the resume log of a run named `stem` lives (None: do not resume)."""
+  if ctx.output_dir is None or not ctx.resume:
+    return None
+  return os.path.join(ctx.output_dir, f"{stem}.log.jsonl")
+
+
+def progress(total: int, unit: str, label: str) -> Progress:
+  """A progress counter printing at most every 10 s (and at the end)."""
+  return Progress(total, unit=unit, label=label, min_interval_s=10.0)
+
+
+def report(ctx: EvalContext, line: str) -> None:
+  """Logs a progress line (process 0 only when `ctx.verbose`)."""
+  if ctx.verbose and parallel.is_main_process():
+    logging.info("%s", line)
+
+
+def metadata_block(ctx: EvalContext, **extra: Any) -> dict[str, Any]:
+  """The run's identification for result files: metadata, step, data, environment."""
+  return {**dict(ctx.metadata), "checkpoint_step": int(ctx.step), "dataset": ctx.data.name,
+          "split": ctx.data.split, "num_examples": int(len(ctx.data.indices)),
+          "first_index": int(ctx.data.indices[0]) if len(ctx.data.indices) else None,
+          "last_index": int(ctx.data.indices[-1]) if len(ctx.data.indices) else None,
+          **extra, "environment": environment()}
+
+
+def batches(count: int, batch_size: int) -> Iterable[slice]:
+  """Slices of `batch_size` covering [0, count)."""
+  for start in range(0, count, batch_size):
+    yield slice(start, min(start + batch_size, count))

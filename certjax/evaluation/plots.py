@@ -1,0 +1,214 @@
+"""Every picture of an evaluation result: drawn on a bare matplotlib `Figure`.
+
+The evaluators save these next to their JSON and Markdown files; the
+notebooks display the same figures. A bare `Figure` renders with Agg without
+touching pyplot's global backend (which would hijack a notebook's inline
+display); a notebook shows it by returning it from a cell.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from certjax.smoothing import stats
+
+
+class Reference(NamedTuple):
+  """Published (or otherwise external) figures drawn beside ours.
+
+  Attributes:
+    label: legend text.
+    x: radii or eps.
+    accuracy: fractions in [0, 1], one per x.
+    sigma: the noise level of a smoothing reference (its panel), else None.
+  """
+  label: str
+  x: Sequence[float]
+  accuracy: Sequence[float]
+  sigma: float | None = None
+
+
+def _figure(width: float, height: float):
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  return Figure(figsize=(width, height), dpi=100)
+
+
+def certified_accuracy_figure(curves: Mapping[str, Any], *, norm: str = "L2",
+                              max_radius: float | None = None,
+                              radius_caps: Mapping[str, float] | None = None,
+                              references: Iterable[Reference] = (),
+                              title: str | None = None):
+  """Certified accuracy against radius, one line per run.
+
+  Args:
+    curves: run name -> results with `.radius` and `.correct`
+      (`certjax.smoothing.analysis.CertifyResults`).
+    norm: axis label of the radius ('L2', 'L1', ...).
+    max_radius: right end of the x axis (default: largest radius + 5%).
+    radius_caps: label -> the largest radius a run's n can certify, drawn as a
+      dotted vertical line (`stats.max_certifiable_radius`).
+    references: published curves, dashed black.
+    title: the plot title.
+
+  Returns:
+    The `Figure`.
+  """
+  if not curves:
+    raise ValueError("certified_accuracy_figure needs at least one curve.")
+  caps = dict(radius_caps or {})
+  references = list(references)
+  largest = max([float(r.radius.max(initial=0.0)) for r in curves.values()]
+                + [max(r.x) for r in references] + list(caps.values()))
+  right = max_radius if max_radius is not None else max(largest * 1.05, 0.1)
+  grid = np.linspace(0.0, right, 400)
+  fig = _figure(6, 4)
+  ax = fig.add_subplot()
+  for name, results in curves.items():
+    ax.plot(grid, stats.certified_accuracy(results.radius, results.correct, grid), label=name)
+  for ref in references:
+    ax.plot(ref.x, ref.accuracy, "k--o", markersize=4, linewidth=1, label=ref.label)
+  for label, cap in caps.items():
+    ax.axvline(cap, color="gray", linestyle=":", linewidth=1, label=label)
+  ax.set_xlabel(f"{norm} radius (pixels in [0, 1])")
+  ax.set_ylabel("certified accuracy")
+  ax.set_xlim(0.0, right)
+  ax.set_ylim(0.0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower left", fontsize=8)
+  if title:
+    ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def certified_accuracy_panels(runs: Sequence[Any], references: Iterable[Reference] = (),
+                              max_radius: float | None = None):
+  """Certified accuracy against L2 radius, one panel per sigma, one colour per objective.
+
+  Args:
+    runs: `certjax.evaluation.certified.CertifyRecord`s (`read_results`).
+    references: published curves, drawn in the panel of their sigma.
+    max_radius: right end of the x axes.
+
+  Returns:
+    The `Figure`.
+  """
+  references = list(references)
+  sigmas = sorted({r.sigma for r in runs} | {r.sigma for r in references
+                                             if r.sigma is not None})
+  if not sigmas:
+    raise ValueError("certified_accuracy_panels needs at least one run or reference.")
+  largest = max([float(r.results.radius.max(initial=0.0)) for r in runs]
+                + [max(r.x) for r in references] + [0.1])
+  right = max_radius or 1.05 * largest
+  grid = np.linspace(0.0, right, 300)
+  fig = _figure(4.2 * len(sigmas), 3.4)
+  axes = fig.subplots(1, len(sigmas), sharey=True, squeeze=False)[0]
+  objectives = sorted({r.objective for r in runs})
+  colors = {o: f"C{i}" for i, o in enumerate(objectives)}
+  for ax, sigma in zip(axes, sigmas):
+    caps = set()
+    for run in (r for r in runs if r.sigma == sigma):
+      settings = run.record.get("settings", {})
+      ax.plot(grid, stats.certified_accuracy(run.results.radius, run.results.correct, grid),
+              color=colors[run.objective],
+              label=f"{run.label} ({run.results.radius.size} img, n={settings.get('n', '?')})")
+      if settings.get("n") and settings.get("alpha"):
+        caps.add((int(settings["n"]), float(settings["alpha"]),
+                  str(settings.get("noise", "gaussian"))))
+    for ref in (r for r in references if r.sigma == sigma):
+      ax.plot(ref.x, ref.accuracy, "k--o", markersize=4, linewidth=1, label=ref.label)
+    for n, alpha, noise in sorted(caps):
+      ax.axvline(stats.max_certifiable_radius(sigma, n, alpha, noise), color="gray",
+                 linestyle=":", linewidth=1, label=f"largest radius n={n:,} can certify")
+    ax.set_title(f"sigma = {sigma:g}")
+    ax.set_xlabel("L2 radius (pixels in [0, 1])")
+    ax.set_xlim(0, right)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=7)
+  axes[0].set_ylabel("certified accuracy")
+  fig.tight_layout()
+  return fig
+
+
+def robust_accuracy_figure(result: Any, title: str | None = None):
+  """Robust accuracy against eps after each attack of the sequence (a `RobustAccuracyResult`).
+
+  Each line is the accuracy left after that attack and all before it, so the
+  lowest line is the reported robust accuracy; eps = 0 starts at the clean
+  accuracy.
+  """
+  fig = _figure(6, 4)
+  ax = fig.add_subplot()
+  eps = [r.eps for r in result.per_eps]
+  for a, name in enumerate(result.attack_names):
+    ax.plot(eps, [r.robust_accuracy_after[a][1] for r in result.per_eps], "-o", markersize=4,
+            label=f"after {name}")
+  ax.axhline(result.clean_accuracy, color="k", linestyle="--", linewidth=1,
+             label=f"clean {100 * result.clean_accuracy:.1f}%")
+  ax.set_xlabel(f"{result.norm} eps (pixels in [0, 1])")
+  ax.set_ylabel("robust accuracy")
+  ax.set_ylim(0.0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title or f"Robust accuracy on {result.num_examples} examples", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def verified_accuracy_figure(summary: Mapping[str, Any]):
+  """Verified accuracy against L-inf eps, one line per method (a 'verified' summary)."""
+  fig = _figure(6, 4)
+  ax = fig.add_subplot()
+  styles = {"ibp": "-o", "crown_ibp": "--s", "crown": ":^"}
+  clean = float(summary["clean_accuracy"])
+  for method in summary["methods"]:
+    rows = sorted((r for r in summary["results"] if r["method"] == method),
+                  key=lambda r: r["eps"])
+    if rows:
+      ax.plot([0.0] + [r["eps"] for r in rows], [clean] + [r["verified_accuracy"] for r in rows],
+              styles.get(method, "-x"), markersize=4, label=method)
+  ax.set_xlabel("L-inf eps (pixels in [0, 1])")
+  ax.set_ylabel("verified accuracy")
+  ax.set_ylim(0.0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(f"{summary.get('model')} on {summary.get('num_images')} {summary.get('dataset')} "
+               f"images, checkpoint {summary.get('checkpoint_step')}", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def verified_accuracy_comparison(rows: Sequence[Mapping[str, Any]],
+                                 references: Iterable[Reference] = ()):
+  """Verified accuracy against eps for several runs: a colour per run, a style per method.
+
+  Args:
+    rows: dicts with 'run', 'method', 'eps', 'verified_accuracy' and
+      'clean_accuracy' (`certjax.evaluation.verified.result_rows`).
+    references: published figures, black markers.
+  """
+  fig = _figure(8.5, 3.8)
+  ax = fig.add_subplot()
+  styles = {"ibp": "-o", "crown_ibp": "--s", "crown": ":^"}
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+  for i, run in enumerate(runs):
+    mine = [r for r in rows if r["run"] == run]
+    clean = float(mine[0]["clean_accuracy"])
+    for method in dict.fromkeys(r["method"] for r in mine):
+      part = sorted((r for r in mine if r["method"] == method), key=lambda r: r["eps"])
+      ax.plot([0.0] + [r["eps"] for r in part], [clean] + [r["verified_accuracy"] for r in part],
+              styles.get(method, "-x"), color=f"C{i}", markersize=4, label=f"{run}: {method}")
+  for marker, ref in zip("*Dvp", references):
+    ax.plot(ref.x, ref.accuracy, marker, color="k", markersize=9, linestyle="none",
+            label=ref.label)
+  ax.set_xlabel("L-inf eps (pixels in [0, 1])")
+  ax.set_ylabel("verified accuracy")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  fig.tight_layout()
+  return fig

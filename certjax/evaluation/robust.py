@@ -1,0 +1,347 @@
+"""'robust': robust accuracy under a sequence of attacks, per radius (AutoAttack style).
+
+Settings: the `attack` section of a config (`default_config`). The attacks of
+`attack.attacks` run in sequence for every radius of `attack.eps_list`, each
+only on the examples every previous attack failed on
+(`certjax.attacks.robust_accuracy`). Writes to its output directory
+(`<workdir>/attack/` for `launch.attack` / `launch.evaluate --evaluator=robust`):
+
+  results.json   the results, the attack settings, which checkpoint and which images;
+  results.md     a readable table (robust accuracy in % after each attack, per eps);
+  results.png    robust accuracy against eps after each attack of the sequence;
+  results.log.jsonl  the radii finished so far: an interrupted run resumes after them.
+
+Multi-host: each host attacks its share of the images on its own devices;
+per-example outcomes are gathered (`common.gather_shares`) so every image
+counts once and every host returns the same result. Every host attacks with
+`attack.seed`, so deterministic attacks (FGSM, PGD without random start)
+give exactly the single-process result and randomised ones the same
+distribution. Radius e uses the keys of index e in `eps_list` whether it is
+run alone (a resumed run) or with the others.
+
+References:
+  Croce & Hein, "Reliable Evaluation of Adversarial Robustness with an
+  Ensemble of Diverse Parameter-free Attacks", ICML 2020 (AutoAttack).
+  Cohen et al. 2019 (the skip/max selection of evaluation images).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, List, Sequence, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from certjax import parallel
+from certjax import validation
+from certjax.attacks import norms
+from certjax.attacks.apgd import make_apgd, make_apgd_targeted
+from certjax.attacks.core import AttackFn
+from certjax.attacks.pgd import make_fgm, make_pgd
+from certjax.attacks.runner import EpsResult, RobustAccuracyResult, robust_accuracy, standard_attacks
+from certjax.attacks.square import SQUARE_NORMS, make_square
+from certjax.evaluation import common
+from certjax.evaluation import plots
+from certjax.evaluation.registry import EvalContext, EvalResult, EvalSetup, register_evaluator
+from certjax.runs import checkpoints as runs_checkpoints
+from certjax.runs import files
+
+NAME = "robust"
+SECTION = "attack"
+RESULTS_STEM = "results"
+# 'autoattack' is the standard sequence of `attacks.standard_attacks`
+# (APGD-CE, APGD-T, Square where the norm allows it).
+ATTACK_NAMES = ("fgsm", "pgd", "apgd_ce", "apgd_t", "square", "autoattack")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The attack evaluation settings (`config.attack`) and their defaults.
+
+  Fields:
+    norm: 'linf', 'l2' or 'l1'.
+    eps_list: radii in [0, 1] pixel units.
+    attacks: names from ATTACK_NAMES, run in sequence (each only on the points
+      still robust after the previous ones).
+    num_steps: iterations of PGD and APGD.
+    step_size: PGD's absolute step size; 0 = 2.5 * eps / num_steps.
+    restarts: random restarts of PGD and APGD.
+    num_target_classes: target classes of APGD-T.
+    square_queries: query budget of Square.
+    batch_size: examples per compiled attack call.
+    split: split to attack; '' = config.data.eval_split.
+    seed: seed of the attacks' randomness.
+    checkpoint_step: checkpoint to restore; -1 = the newest.
+  """
+  return ml_collections.ConfigDict({
+      "norm": "linf",
+      "eps_list": (0.1, 0.2, 0.3),
+      "attacks": ("fgsm", "pgd"),
+      "num_steps": 20,
+      "step_size": 0.0,
+      "restarts": 1,
+      "num_target_classes": 9,
+      "square_queries": 1000,
+      "batch_size": 500,
+      "split": "",
+      "seed": 0,
+      "checkpoint_step": -1,
+  })
+
+
+def build_attacks(attack_config: Any, num_classes: int | None) -> List[Tuple[str, AttackFn]]:
+  """(name, attack_fn) pairs for `attacks.robust_accuracy` from `config.attack`.
+
+  `num_classes` None (unknown) skips the checks that depend on it.
+
+  Raises:
+    ValueError: for an unknown attack name, a bad setting, or a sequence
+      naming the same attack twice (e.g. 'apgd_ce' with 'autoattack').
+  """
+  cfg = attack_config
+  norm = validation.check_choice(cfg.norm, "attack.norm", norms.NORMS)
+  names = cfg.attacks
+  if isinstance(names, str) or not len(names):
+    raise ValueError(f"attack.attacks must be a non-empty list of names from "
+                     f"{ATTACK_NAMES}; got {names!r}.")
+  steps = validation.check_int_at_least(cfg.num_steps, "attack.num_steps", 1)
+  restarts = validation.check_int_at_least(cfg.restarts, "attack.restarts", 1)
+  validation.check_positive(cfg.step_size, "attack.step_size", allow_zero=True)
+  step_size = float(cfg.step_size) if float(cfg.step_size) > 0 else None
+  targets = validation.check_int_at_least(cfg.num_target_classes,
+                                          "attack.num_target_classes", 1)
+  if num_classes is not None:
+    targets = min(targets, num_classes - 1)
+  queries = validation.check_int_at_least(cfg.square_queries, "attack.square_queries", 1)
+  sequence: List[Tuple[str, AttackFn]] = []
+  for name in names:
+    validation.check_choice(name, "attack name in attack.attacks", ATTACK_NAMES)
+    if name == "fgsm":
+      sequence.append(("fgsm" if norm == "linf" else f"fgm-{norm}", make_fgm(norm=norm)))
+    elif name == "pgd":
+      sequence.append((f"pgd{steps}", make_pgd(norm=norm, num_steps=steps,
+                                               step_size=step_size,
+                                               num_restarts=restarts)))
+    elif name == "apgd_ce":
+      sequence.append(("apgd-ce", make_apgd(norm=norm, loss="ce", num_steps=steps,
+                                            num_restarts=restarts)))
+    elif name == "apgd_t":
+      if num_classes is not None and num_classes < 4:
+        raise ValueError(f"'apgd_t' needs at least 4 classes; the data has {num_classes}.")
+      sequence.append(("apgd-t", make_apgd_targeted(
+          norm=norm, num_steps=steps, num_target_classes=targets, num_restarts=restarts)))
+    elif name == "square":
+      if norm not in SQUARE_NORMS:
+        raise ValueError(f"'square' supports norms {SQUARE_NORMS}; attack.norm is {norm!r}.")
+      sequence.append(("square", make_square(norm=norm, num_queries=queries)))
+    else:
+      sequence.extend(standard_attacks(
+          norm, num_classes=num_classes, num_steps=steps, num_restarts=restarts,
+          num_target_classes=targets, square_queries=queries))
+  shown = [n for n, _ in sequence]
+  repeated = sorted({n for n in shown if shown.count(n) > 1})
+  if repeated:
+    raise ValueError(f"attack.attacks {tuple(names)} runs {repeated} twice ('autoattack' "
+                     "already holds apgd_ce, apgd_t and square).")
+  return sequence
+
+
+def _eps_list(settings: Any) -> list[float]:
+  eps_list = settings.eps_list
+  if isinstance(eps_list, (int, float)) or not len(eps_list):
+    raise ValueError(f"attack.eps_list must be a non-empty sequence of radii; got {eps_list!r}.")
+  values = [validation.check_finite_scalar(e, "attack.eps_list entry") for e in eps_list]
+  for e in values:
+    validation.check_positive(e, "attack.eps_list entry", allow_zero=True)
+  return values
+
+
+def validate_settings(settings: Any, setup: EvalSetup | None = None) -> None:
+  """Raises ValueError naming the first bad field of `config.attack`."""
+  build_attacks(settings, None if setup is None else setup.num_classes)
+  _eps_list(settings)
+  validation.check_int_at_least(settings.batch_size, "attack.batch_size", 1)
+  validation.check_int_at_least(settings.seed, "attack.seed", 0)
+  validation.check_int_at_least(settings.checkpoint_step, "attack.checkpoint_step", -1)
+  if not isinstance(settings.split, str):
+    raise ValueError(f"attack.split must be a split name or '' (the data's eval split); "
+                     f"got {settings.split!r}.")
+
+
+def merge_results(parts: Sequence[RobustAccuracyResult | None]) -> RobustAccuracyResult:
+  """One result over the union of disjoint parts, in the order given.
+
+  Robust accuracies are pooled by example count (each example counts once);
+  wall times and the largest perturbation are the maxima over parts, as the
+  parts ran side by side. None stands for a part without examples.
+
+  Raises:
+    ValueError: no non-empty part, or parts with different attacks/radii/norm.
+  """
+  parts = [p for p in parts if p is not None and p.num_examples]
+  if not parts:
+    raise ValueError("merge_results needs at least one non-empty result.")
+  first = parts[0]
+  for p in parts[1:]:
+    if (p.norm, p.attack_names, [r.eps for r in p.per_eps]) != (
+        first.norm, first.attack_names, [r.eps for r in first.per_eps]):
+      raise ValueError("merge_results needs results of the same attacks, radii and norm.")
+  sizes = np.array([p.num_examples for p in parts])
+  total = int(sizes.sum())
+  correct = np.concatenate([p.correct for p in parts])
+  per_eps = []
+  for e, r in enumerate(first.per_eps):
+    after = []
+    for a, name in enumerate(first.attack_names):
+      robust = sum(round(p.per_eps[e].robust_accuracy_after[a][1] * n)
+                   for p, n in zip(parts, sizes))
+      after.append((name, robust / total))
+    seconds = tuple((name, max(p.per_eps[e].seconds[a][1] for p in parts))
+                    for a, name in enumerate(first.attack_names))
+    robust_mask = np.concatenate([p.per_eps[e].robust for p in parts])
+    per_eps.append(EpsResult(
+        eps=r.eps, robust_accuracy=float(np.mean(robust_mask)),
+        robust_accuracy_after=tuple(after), seconds=seconds,
+        max_perturbation=max(p.per_eps[e].max_perturbation for p in parts),
+        robust=robust_mask))
+  return RobustAccuracyResult(norm=first.norm, num_examples=total,
+                              clean_accuracy=float(np.mean(correct)),
+                              attack_names=first.attack_names, per_eps=tuple(per_eps),
+                              correct=correct)
+
+
+def _gather_eps(part: RobustAccuracyResult | None, share: common.HostShare,
+                attack_names: Sequence[str]) -> dict[str, Any]:
+  """The outcome at one radius over all hosts: masks in order, counts summed, maxima."""
+  n = len(share.indices)
+  num_attacks = len(attack_names)
+  local = {"correct": np.zeros(n, bool), "robust": np.zeros(n, bool)}
+  scalars = {"after": np.zeros(num_attacks, np.int64), "seconds": np.zeros(num_attacks),
+             "max_perturbation": np.zeros(())}
+  if part is not None:
+    (r,) = part.per_eps
+    local = {"correct": part.correct, "robust": r.robust}
+    scalars = {"after": np.array([round(acc * n) for _, acc in r.robust_accuracy_after]),
+               "seconds": np.array([s for _, s in r.seconds]),
+               "max_perturbation": np.asarray(r.max_perturbation)}
+  masks = common.gather_shares(local, share.size, share.count)
+  every = parallel.process_allgather(scalars)
+  return {"correct": masks["correct"].astype(int).tolist(),
+          "robust": masks["robust"].astype(int).tolist(),
+          "after": every["after"].sum(axis=0).astype(int).tolist(),
+          "seconds": every["seconds"].max(axis=0).tolist(),
+          "max_perturbation": float(every["max_perturbation"].max())}
+
+
+def _result_from_units(units: Sequence[dict], eps_values: Sequence[float], norm: str,
+                       attack_names: Sequence[str]) -> RobustAccuracyResult:
+  correct = np.asarray(units[0]["correct"], bool)
+  total = correct.size
+  per_eps = []
+  for eps, unit in zip(eps_values, units):
+    robust = np.asarray(unit["robust"], bool)
+    per_eps.append(EpsResult(
+        eps=float(eps), robust_accuracy=float(np.mean(robust)),
+        robust_accuracy_after=tuple((n, c / total) for n, c in zip(attack_names, unit["after"])),
+        seconds=tuple(zip(attack_names, (float(s) for s in unit["seconds"]))),
+        max_perturbation=float(unit["max_perturbation"]), robust=robust))
+  return RobustAccuracyResult(norm=norm, num_examples=total,
+                              clean_accuracy=float(np.mean(correct)),
+                              attack_names=tuple(attack_names), per_eps=tuple(per_eps),
+                              correct=correct)
+
+
+def format_markdown(result: RobustAccuracyResult, metadata: dict[str, Any]) -> str:
+  """The Markdown file: a heading naming model, data and checkpoint, then the table."""
+  return "\n".join([
+      f"# Robust accuracy: {metadata.get('model')} on {metadata.get('dataset')} "
+      f"({metadata.get('split')})",
+      "",
+      f"Checkpoint step {metadata.get('checkpoint_step')} in `{metadata.get('workdir')}`; "
+      f"images skip={metadata.get('skip')}, max={metadata.get('max')}.",
+      "",
+      "```",
+      result.table(),
+      "```",
+      "",
+  ])
+
+
+def metrics_of(result: RobustAccuracyResult) -> dict[str, float]:
+  """Flat metrics for logging: clean accuracy and robust accuracy at each radius."""
+  metrics = {"clean_accuracy": result.clean_accuracy}
+  for r in result.per_eps:
+    metrics[f"robust_accuracy@{r.eps:g}"] = r.robust_accuracy
+  return metrics
+
+
+@register_evaluator(NAME, section=SECTION, default_config=default_config,
+                    validate=validate_settings,
+                    summary="robust accuracy under a sequence of attacks, per radius")
+def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
+  """The 'robust' evaluator for validated `settings` (see `default_config`)."""
+  validate_settings(settings, setup)
+  attacks = build_attacks(settings, setup.num_classes)
+  attack_names = [n for n, _ in attacks]
+  eps_values = _eps_list(settings)
+  norm = str(settings.norm)
+  batch_size = int(settings.batch_size)
+  seed = int(settings.seed)
+
+  def evaluate(ctx: EvalContext) -> EvalResult:
+    mesh = common.local_mesh()
+    share = common.HostShare(ctx.data)
+    variables = common.local_variables(ctx.variables, mesh)
+    logits_fn = functools.partial(ctx.apply_fn, variables, train=False)
+    attack_config = runs_checkpoints.config_to_dict(settings)
+    fingerprint = {"evaluator": NAME, "step": int(ctx.step),
+                   "indices": ctx.data.indices.tolist(),
+                   # Results do not depend on the batch size or on which checkpoint
+                   # was asked for (the step restored is in the fingerprint).
+                   "attack": {k: v for k, v in attack_config.items()
+                              if k not in ("batch_size", "checkpoint_step")}}
+    log = common.ResumeLog(common.log_path(ctx, RESULTS_STEM), fingerprint)
+    key = jax.random.key(seed)
+    counter = common.progress(len(eps_values) * len(attacks), "attack run", "robust")
+    units = []
+    for e_index, eps in enumerate(eps_values):
+      unit = f"eps={eps!r}"
+      if unit not in log.completed:
+        part = None
+        if share.indices.size:
+          part = robust_accuracy(key, logits_fn, share.x, share.y, attacks=attacks,
+                                 eps_list=[eps], norm=norm, batch_size=batch_size,
+                                 verbose=False, mesh=mesh, eps_key_index=[e_index])
+        log.record(unit, _gather_eps(part, share, attack_names))
+      units.append(log.completed[unit])
+      done = (e_index + 1) * len(attacks)
+      if counter.due(done):
+        rates = counter.update(done)
+        after = units[-1]["after"]
+        common.report(ctx, counter.line(done, rates, {
+            f"eps {eps:g} robust %": 100.0 * after[-1] / max(share.count, 1)}))
+    result = _result_from_units(units, eps_values, norm, attack_names)
+    metadata = common.metadata_block(ctx)
+    payload = {**metadata, **result.to_dict(), "attack_config": attack_config}
+    artifacts = common.write_results(
+        ctx.output_dir, RESULTS_STEM, payload, format_markdown(result, metadata),
+        figure=plots.robust_accuracy_figure(result, title=_title(metadata))
+        if ctx.output_dir is not None else None)
+    return EvalResult(NAME, metrics_of(result), artifacts, result.table(), result)
+
+  return evaluate
+
+
+def _title(metadata: dict[str, Any]) -> str:
+  return (f"{metadata.get('model', '?')} on {metadata.get('dataset', '?')}, checkpoint "
+          f"{metadata.get('checkpoint_step')}")
+
+
+def read_results(path: str) -> dict[str, Any]:
+  """Reads results.json written by this evaluator (a workdir, its attack/ directory or the file)."""
+  if os.path.isdir(path):
+    candidate = os.path.join(path, SECTION, f"{RESULTS_STEM}.json")
+    path = candidate if os.path.exists(candidate) else os.path.join(path, f"{RESULTS_STEM}.json")
+  return files.read_json(path)

@@ -1,0 +1,89 @@
+"""Run an evaluator on a trained workdir: `evaluate_workdir(config, workdir, 'robust')`.
+
+The library call behind `launch/evaluate.py` (and its aliases `launch.attack`,
+`launch.verify`, `launch.certify`), usable from a notebook. It builds the
+evaluator from the config's section first (so a bad setting is reported before
+anything is restored), resolves the checkpoint (`<section>.checkpoint_step`,
+-1 = the newest), restores the model onto the current mesh
+(`certjax.runs.restore_model`: a workdir trained by one process evaluates on
+two and the other way round), selects the images as Cohen et al.'s
+certify.py does (every `config.skip`-th image of the split, below index
+`config.max`; -1 = all) and runs the evaluator, which writes its files under
+`<workdir>/<results_dir>/` (`attack/`, `verify/`, `certify/`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from certjax import data as data_lib
+from certjax import runs
+from certjax.evaluation import registry
+from certjax.evaluation.registry import EvalContext, EvalData, EvalResult
+
+
+def run_metadata(config: Any, workdir: str | None) -> dict[str, Any]:
+  """The names result files carry: workdir, model, data, objective, selection."""
+  objective = config.get("objective") if hasattr(config, "get") else None
+  return {
+      "workdir": None if workdir is None else os.path.abspath(workdir),
+      "model": config.model.name,
+      "data": config.data.name,
+      "objective": None if objective is None else objective.get("name"),
+      "skip": int(config.get("skip", 1)),
+      "max": int(config.get("max", -1)),
+  }
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, evaluator: str, *,
+                     verbose: bool = True) -> EvalResult:
+  """Runs evaluator `evaluator` on the model trained in `workdir`.
+
+  Args:
+    config: the run's config (usually the training config file, with
+      overrides); the evaluator's settings are its section (e.g.
+      `config.attack` for 'robust'), the images `config.skip` / `config.max`.
+    workdir: the training workdir (config.json, checkpoints/).
+    evaluator: a registered evaluator name ('robust', 'verified', 'certified', ...).
+    verbose: log progress lines.
+
+  Returns:
+    The `EvalResult` (metrics, the files written, the printable table).
+
+  Raises:
+    ValueError: a bad setting, an empty selection or a checkpoint that does not
+      fit the config's model.
+    FileNotFoundError: no checkpoint in the workdir.
+  """
+  spec = registry.get_spec(evaluator)
+  if spec.section not in config:
+    raise ValueError(f"The config has no {spec.section!r} section, which evaluator "
+                     f"{evaluator!r} reads; start it from certjax.training.base_config().")
+  settings = registry.merged_settings(evaluator, config[spec.section])
+  info = data_lib.get_info(config.data)
+  evaluate = registry.get_evaluator(evaluator, settings, info.num_classes, run_config=config)
+  step = runs.resolve_step(workdir, settings.checkpoint_step)
+  trained = runs.restore_model(workdir, step, config)
+  float32_apply_fn = None
+  if spec.float32 and config.get("compute_dtype", "float32") != "float32":
+    # Bounds computed in bfloat16 can be unsound by rounding: evaluate the
+    # same parameters through the float32 model.
+    logging.info("%s: computing in float32 (the model was configured with compute_dtype=%s).",
+                 evaluator, config.compute_dtype)
+    float32_apply_fn = runs.build_model(config, info, compute_dtype="float32").apply
+  split = settings.split or config.data.eval_split
+  data = EvalData.from_config(config.data, split, int(config.get("skip", 1)),
+                              int(config.get("max", -1)))
+  output_dir = settings.get("output_dir") or os.path.join(workdir, spec.results_dir)
+  logging.info("Evaluating %s (%s) of %s on %d %s %s images, checkpoint step %d",
+               evaluator, spec.summary, config.model.name, len(data.indices), info.name,
+               split, step)
+  ctx = EvalContext(apply_fn=trained.model.apply, variables=trained.variables, data=data,
+                    num_classes=info.num_classes, step=step, output_dir=output_dir,
+                    metadata=run_metadata(config, workdir), float32_apply_fn=float32_apply_fn,
+                    verbose=verbose)
+  return evaluate(ctx)

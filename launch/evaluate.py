@@ -1,0 +1,42 @@
+r"""Runs any registered evaluator on a trained workdir.
+
+    python -m launch.evaluate --evaluator=robust --config=configs/mnist5k_pgd_at.py \
+        --workdir=/tmp/certjax/mnist5k_pgd_at
+
+Evaluators (`certjax.evaluation.evaluator_names()`), each reading its section
+of the config:
+
+  robust     (config.attack)   robust accuracy under a sequence of attacks
+  verified   (config.verify)   verified accuracy under IBP / CROWN-IBP / CROWN
+  certified  (config.certify)  certified accuracy of the smoothed classifier
+
+Give the config the model was trained with, plus overrides of that section
+and of `config.skip` / `config.max` (every skip-th image of the split below
+index max; -1: all), e.g. `--config.attack.eps_list='(0.1,0.3)' --config.skip=10`.
+The newest checkpoint is evaluated unless `--config.<section>.checkpoint_step`
+says otherwise. Results go to `<workdir>/<section>/` and the table and file
+paths are printed. `launch.attack`, `launch.verify` and `launch.certify` are
+this command with the evaluator fixed.
+
+Multi-host: start the same command in every process (see launch/README.md);
+each host evaluates its share of the images on its own devices and process
+0 writes the gathered results.
+"""
+
+from absl import app, flags
+
+from launch import common
+from launch import run_evaluator
+
+FLAGS = flags.FLAGS
+common.define_config_and_workdir(
+    "Config file (the training config, with the evaluator's section).",
+    "Workdir of the training run (checkpoints/, config.json).")
+flags.DEFINE_enum("evaluator", None, ["certified", "robust", "verified"],
+                  "The evaluator to run (certjax.evaluation.evaluator_names()).")
+flags.mark_flag_as_required("evaluator")
+
+main = run_evaluator.main_for(None)
+
+if __name__ == "__main__":
+  app.run(main)
