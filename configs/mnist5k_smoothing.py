@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.objective = {"name": "gaussian", "sigma": 0.25, "num_noise": 1}
   config.skip = 10
   config.certify.n = 5_000
-  # 250 rather than Cohen's 1000: faster on CPU (see certjax/smoothing/config.py);
+  # 250 rather than Cohen's 1000: faster on CPU (see certjax/evaluation/certified.py);
   # raise it on a GPU. Certificates do not depend on it.
   config.certify.batch_size = 250
   return make_smoke(config) if smoke else config

@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Cohen et al.'s certify.py settings (every 20th test image, n0 = 100,
   # n = 100,000, alpha = 0.001) are the certify defaults.
   config.skip = 20
-  # 250 rather than Cohen's 1000: faster on CPU (see certjax/smoothing/config.py);
+  # 250 rather than Cohen's 1000: faster on CPU (see certjax/evaluation/certified.py);
   # raise it on a GPU. Certificates do not depend on it.
   config.certify.batch_size = 250
   return config

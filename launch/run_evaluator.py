@@ -41,6 +41,7 @@ def main_for(evaluator: str | None) -> Callable[[list[str]], None]:
     name = evaluator or FLAGS.evaluator
 
     def run():
+      evaluation.get_spec(name)  # an unknown name: one line naming the registered ones
       config_lib.validate_config(FLAGS.config)
       config = config_lib.with_defaults(FLAGS.config)
       return evaluation.evaluate_workdir(config, FLAGS.workdir, name)

@@ -20,6 +20,7 @@ One way for each, used by every evaluator:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -123,7 +124,7 @@ class ResumeLog:
     self._main = parallel.is_main_process()
     done: dict[str, dict] = {}
     if path is not None and self._main:
-      records = files.read_jsonl(path)
+      records = files.read_jsonl(path, repair=True)
       if records and records[0].get("fingerprint") == self.fingerprint:
         done = {str(r["unit"]): r for r in records[1:] if "unit" in r}
       else:
@@ -188,7 +189,6 @@ def write_results(output_dir: str | None, stem: str, payload: Mapping[str, Any],
     files.atomic_write_json(paths["json"], payload)
     files.atomic_write_text(paths["md"], table if table.endswith("\n") else table + "\n")
     if figure is not None:
-      import io  # pylint: disable=import-outside-toplevel
       buffer = io.BytesIO()
       figure.savefig(buffer, format="png")
       files.atomic_write_bytes(paths["png"], buffer.getvalue())

@@ -99,16 +99,22 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) 
     os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
   """The records of a JSON-lines file in order; [] when it does not exist.
 
   A last line that is not complete JSON (a writer killed mid-line) is dropped;
   a malformed line elsewhere is an error naming the line.
+
+  Args:
+    path: the file.
+    repair: also cut such a torn last line off the file, so that the next
+      append starts on a line of its own.
   """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    lines = f.read().split("\n")
+    text = f.read()
+  lines = text.split("\n")
   records = []
   for number, line in enumerate(lines, start=1):
     if not line.strip():
@@ -119,6 +125,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       if number >= len(lines) - 1:  # the last line, cut short by a crash
         break
       raise ValueError(f"{os.fspath(path)}, line {number}: not valid JSON ({e}).") from None
+  if repair and text and not text.endswith("\n"):
+    keep = text.rfind("\n") + 1
+    with open(path, "r+b") as f:
+      f.truncate(len(text[:keep].encode()))
   return records
 
 

@@ -117,3 +117,30 @@ def test_resume_log_keeps_units_under_one_fingerprint(tmp_path):
   other = common.ResumeLog(path, {"n": 2})
   assert other.completed == {} and os.path.exists(path + ".stale")
   assert common.ResumeLog(None, {"n": 1}).completed == {}
+
+
+@pytest.mark.parametrize("name, settings, units", [
+    ("robust", {"eps_list": (0.05, 0.3), "attacks": ("fgsm", "pgd"), "num_steps": 2,
+                "batch_size": 8}, 2),
+    ("verified", {"eps_list": (0.001, 0.3), "methods": ("ibp",), "batch_size": 8}, 3),
+])
+def test_an_interrupted_run_resumes_after_its_last_unit(tiny_context, tmp_path, name,
+                                                        settings, units):
+  evaluate = evaluation.get_evaluator(name, settings, num_classes=4)
+  ctx = tiny_context.__class__(**{**tiny_context.__dict__, "output_dir": str(tmp_path)})
+  first = evaluate(ctx)
+  log = tmp_path / "results.log.jsonl"
+  lines = log.read_text().splitlines()
+  assert len(lines) == 1 + units  # the fingerprint, then one line per finished unit
+  # Killed after its first unit, with a line cut short.
+  log.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])
+  kept = json.loads(lines[1])
+  resumed = evaluate(ctx)
+  assert resumed.metrics == first.metrics
+  after = [json.loads(line) for line in log.read_text().splitlines()]
+  assert after[1] == kept  # reused, not recomputed
+  assert [a["unit"] for a in after[1:]] == [json.loads(line)["unit"] for line in lines[1:]]
+  # Another checkpoint step is another run: nothing is reused.
+  other = tiny_context.__class__(**{**ctx.__dict__, "step": 8})
+  evaluate(other)
+  assert os.path.exists(str(log) + ".stale")

@@ -34,6 +34,10 @@ def test_jsonl_drops_only_a_torn_last_line(tmp_path):
   with open(path, "a") as f:
     f.write('{"a": 3, "b"')  # killed mid-line
   assert files.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+  # Repaired, the next append starts on a line of its own.
+  assert files.read_jsonl(path, repair=True) == [{"a": 1}, {"a": 2}]
+  files.append_jsonl(path, [{"a": 4}])
+  assert files.read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 4}]
   path.write_text('{"a": 1}\n{broken\n{"a": 3}\n')
   with pytest.raises(ValueError, match="line 2: not valid JSON"):
     files.read_jsonl(path)

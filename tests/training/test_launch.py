@@ -148,16 +148,11 @@ def test_sigkill_mid_training_resumes_and_finishes(tmp_path):
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
   import sys
   import jax, numpy as np
-  from certjax.training import config as config_lib, train as train_lib
-  config = config_lib.base_config()
-  config.data.name = "mnist5k"
-  config.model.name = "mlp"
-  config.model.kwargs = {"hidden": (64,)}
-  config.batch_size = 64
-  config.eval_batch_size = 200
-  config.num_train_steps = 12
-  config.log_every_steps = 4
-  config.checkpoint_every_steps = 0
+  from certjax.training import train as train_lib
+  from tests.conftest import smoke_config
+  config = smoke_config("mnist5k", overrides={
+      "model.kwargs": {"hidden": (64,)}, "batch_size": 64, "eval_batch_size": 200,
+      "num_train_steps": 12, "log_every_steps": 4})
   result = train_lib.train_and_evaluate(config, sys.argv[1])
   leaves = jax.tree.leaves(jax.device_get(result.state.params))
   np.savez(sys.argv[2], *leaves, acc=result.eval_metrics["accuracy"],
