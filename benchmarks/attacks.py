@@ -400,7 +400,7 @@ def main():
   args = parser.parse_args()
 
   report: Dict[str, Any] = {
-      "benchmark": "attacks", "batch_size": args.batch_size, "eps": EPS,
+      "benchmark": "attacks", "kind": "attacks", "batch_size": args.batch_size, "eps": EPS,
       "step_size": STEP, "num_steps": NUM_STEPS, "repeats": args.repeats,
       "note": "ratio = attack images/s / (10 chained fwd+bwd w.r.t. the input) images/s, "
               "same batch, same run; on a shared CPU, timings carry other processes' load",

@@ -23,10 +23,10 @@ update, jitted) of certjax's `ibp_small` model under the objectives
 the eps ramp (beta > 0, CROWN-IBP computed) and after it (beta = 0, skipped),
 each as a multiple of the standard step.
 
-  PYTHONPATH=. python benchmarks/bounds.py --batch 128 --out bounds_benchmark.json
-  PYTHONPATH=. python benchmarks/bounds.py --models small --no_crown --training
+  python -m benchmarks.bounds --batch 128 --out bounds_benchmark.json
+  python -m benchmarks.bounds --models small --no_crown --training
 
-(from the repository root; no PYTHONPATH needed after `pip install -e .`).
+(from the repository root).
 
 References:
   Gowal et al. 2018, https://arxiv.org/abs/1810.12715 (model architectures).
@@ -205,6 +205,7 @@ def main():
   models = {"small": IbpSmall(), "large": IbpLarge()}
   report = {
       "benchmark": "bounds",
+      "kind": "bounds",
       "device": str(jax.devices()[0]),
       "device_kind": jax.devices()[0].device_kind,
       "platform": jax.default_backend(),

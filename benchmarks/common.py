@@ -4,6 +4,10 @@ Every benchmark prints its figures and writes them as JSON together with the
 environment (device, versions), so numbers from different machines and runs
 can be compared. Timings are medians over repeats of a warmed-up, jitted
 function, synchronised with `block_until_ready`.
+
+Every report names the script that wrote it in its `kind` key (one of
+`KINDS`); `benchmarks/reports.py` reads the reports back by that key, never by
+the free-text `benchmark` title.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ import statistics
 import time
 from typing import Any, Callable
 
+# The `kind` of each script's report: what benchmarks/reports.py dispatches on.
+KINDS = ("training",         # train_throughput.py
+         "attacks",          # attacks.py (also --peers, --peers-only)
+         "bounds",           # bounds.py
+         "smoothing",        # smoothing.py
+         "smoothing_peers",  # smoothing_peers.py
+         "scaling")          # scaling.py
 
 
 def versions() -> dict[str, str]:
@@ -78,6 +89,15 @@ def time_call(fn: Callable[..., Any], *args, warmup: int = 2, repeats: int = 7,
 
 
 def write_report(path: str, report: dict[str, Any]) -> None:
+  """Writes `report` as indented JSON with sorted keys.
+
+  Raises:
+    ValueError: when the report has no `kind` of `KINDS` (a reader could not
+      tell which script wrote it).
+  """
+  if report.get("kind") not in KINDS:
+    raise ValueError(f"A benchmark report needs a 'kind' of {', '.join(KINDS)}; "
+                     f"got {report.get('kind')!r}.")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(report, f, indent=2, sort_keys=True)

@@ -33,7 +33,7 @@ looping a call for `--min_time` seconds when it is quicker), so that load from
 other processes hits every figure alike; medians are reported, and every
 sample is kept in the JSON (`samples_seconds`).
 
-    python benchmarks/scaling.py --devices 1,2,4,8 --out results/scaling.json
+    python -m benchmarks.scaling --devices 1,2,4,8 --out results/scaling.json
 """
 
 from __future__ import annotations
@@ -369,6 +369,7 @@ def main(argv=None) -> dict[str, Any] | None:
   environment = {k: v for k, v in results[0]["environment"].items() if k != "num_devices"}
   report = {
       "benchmark": "scaling",
+      "kind": "scaling",
       "model": MODEL,
       "input_shape": list(IMAGE_SHAPE),
       "settings": {k: getattr(args, k) for k in

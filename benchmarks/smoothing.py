@@ -31,16 +31,16 @@ selection draws, then N estimation draws, Clopper-Pearson, alpha = 0.001) on
 the `--inputs` images, after one compiling call with another key, and reports
 `certify_seconds_per_image`: Cohen et al.'s figure of merit (about 15 s per
 CIFAR-10 image for ResNet-110 at N = 100,000 on an RTX 2080 Ti). On a GPU:
-  python benchmarks/smoothing.py --model resnet110_cifar --batch 1000 --num 10000 \
+  python -m benchmarks.smoothing --model resnet110_cifar --batch 1000 --num 10000 \
       --inputs 10 --certify_n 100000 --dtype bfloat16 --out results/resnet110_bf16.json
 
 Example (CPU, small):
-  python benchmarks/smoothing.py --model cnn --batch 256 --num 2048 --inputs 4 \
+  python -m benchmarks.smoothing --model cnn --batch 256 --num 2048 --inputs 4 \
       --out /tmp/smoothing_cnn.json
 The model of the MNIST smoothing configs, at two device batch sizes (on CPU
 the larger one runs slower: see `sample_counts_minor_page_faults_per_draw`):
-  python benchmarks/smoothing.py --model ibp_small_mnist --batch 250 --num 4000 --inputs 10
-  python benchmarks/smoothing.py --model ibp_small_mnist --batch 1000 --num 4000 --inputs 10
+  python -m benchmarks.smoothing --model ibp_small_mnist --batch 250 --num 4000 --inputs 10
+  python -m benchmarks.smoothing --model ibp_small_mnist --batch 1000 --num 4000 --inputs 10
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ import jaxlib
 
 from benchmarks import common
 from certjax import smoothing
+from certjax.smoothing import noise
 from certjax.smoothing import sampling
 
 
@@ -185,12 +186,12 @@ def main(argv=None) -> dict:
   count = functools.partial(smoothing.sample_counts, jax.random.key(3), logits_fn, inputs,
                             args.sigma, args.num, args.batch, noise=args.noise)
   # The compiler options sample_counts uses for inputs on this device.
-  options = sampling._compiler_options(jax.devices()[0].platform)
+  options = sampling.compiler_options(jax.devices()[0].platform)
   forward_same_options = _forward_batches(jax.jit(logits_fn, compiler_options=options),
                                           forward_batch, chunks)
   noise_keys = jax.random.key_data(jax.random.split(jax.random.key(4), args.batch))
   noise_draws = jax.numpy.arange(args.batch, dtype=jax.numpy.uint32)
-  make_noise = jax.jit(functools.partial(sampling._draw_noise_threefry, shape=input_shape,
+  make_noise = jax.jit(functools.partial(noise.draw_noise, shape=input_shape,
                                          noise=args.noise), compiler_options=options)
   noise_only = _forward_batches(lambda k: make_noise(k, noise_draws), noise_keys, chunks)
   timed_calls = {"forward": forward, "count": count,
@@ -214,6 +215,7 @@ def main(argv=None) -> dict:
   device = jax.devices()[0]
   result = {
       "benchmark": "smoothing.sample_counts vs raw forward",
+      "kind": "smoothing",
       "model": args.model,
       "input_shape": list(input_shape),
       "dtype": args.dtype,

@@ -20,7 +20,7 @@ PyTorch forward passes of `batch_size`.
 Run in an environment with torch and adversarial-robustness-toolbox (the
 `peers` extra) plus certjax; from the repository root:
 
-  PYTHONPATH=. python benchmarks/smoothing_peers.py --workdir /tmp/certjax/mnist_s025 \
+  python -m benchmarks.smoothing_peers --workdir /tmp/certjax/mnist_s025 \
       --images 50 --n 10000 --batches 250,1000,2500 --out results/smoothing_peers.json
 
 `--workdir` is an ibp_small run of launch.train (e.g. configs/mnist_smoothing.py
@@ -57,7 +57,7 @@ machine hit both sides alike); ART is timed once (no compilation).
 `torch.get_num_threads()` and JAX both use every core. System CPU time and
 minor page faults are recorded too: on CPU, batches whose temporary buffers
 exceed glibc's 32 MB mmap threshold fault in fresh pages at every forward pass
-(both frameworks suffer; see certjax/smoothing/config.py).
+(both frameworks suffer; see certjax/evaluation/certified.py).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def raw_forward_rates(logits_fn, net, image_shape, batch: int, seconds: float = 
   x = rng.uniform(size=(batch,) + tuple(image_shape)).astype(np.float32)
   x_jax = jax.device_put(x)
   x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-  options = sampling._compiler_options(jax.devices()[0].platform)
+  options = sampling.compiler_options(jax.devices()[0].platform)
   calls = {
       "jax": jax.jit(logits_fn),
       "jax_counting_compiler_options": jax.jit(logits_fn, compiler_options=options),
@@ -370,6 +370,7 @@ def main(argv=None) -> dict:
                          for r in runs)
   report = {
       "benchmark": "randomized smoothing CERTIFY: certjax vs ART PyTorchRandomizedSmoothing",
+      "kind": "smoothing_peers",
       "environment": common.environment(),
       "torch_threads": torch.get_num_threads(),
       "load_average_at_end": list(os.getloadavg()),

@@ -111,7 +111,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="results/train_throughput.json")
   args = parser.parse_args()
-  report = {"benchmark": "train_throughput", "environment": common.environment(),
+  report = {"benchmark": "train_throughput", "kind": "training",
+            "environment": common.environment(),
             "results": []}
   print(report["environment"])
   for name in args.cases.split(","):

@@ -174,9 +174,7 @@ def validate_settings(settings: Any, setup: EvalSetup | None = None) -> None:
   validation.check_int_at_least(c.batch_size, "certify.batch_size", 1)
   validation.check_int_at_least(c.images_per_call, "certify.images_per_call", 0)
   validation.check_int_at_least(c.seed, "certify.seed", 0)
-  validation.check_int_at_least(c.checkpoint_step, "certify.checkpoint_step", -1)
-  if not isinstance(c.split, str):
-    raise ValueError(f"certify.split must be a split name such as 'test'; got {c.split!r}.")
+  common.check_selection_settings(c, SECTION)
   if not isinstance(c.output_dir, str):
     raise ValueError(f"certify.output_dir must be a directory or ''; got {c.output_dir!r}.")
   radii = np.asarray(tuple(c.radii), dtype=np.float64)

@@ -32,9 +32,22 @@ from absl import logging
 from jax.sharding import Mesh
 
 from certjax import parallel
+from certjax import validation
 from certjax.evaluation.registry import EvalContext, EvalData
 from certjax.runs import files
 from certjax.runs.progress import Progress
+
+
+def check_selection_settings(settings: Any, section: str) -> None:
+  """Checks the settings every evaluator section shares: `split` and `checkpoint_step`.
+
+  Raises:
+    ValueError: naming `<section>.split` or `<section>.checkpoint_step`.
+  """
+  validation.check_int_at_least(settings.checkpoint_step, f"{section}.checkpoint_step", -1)
+  if not isinstance(settings.split, str):
+    raise ValueError(f"{section}.split must be a split name or '' (the data's eval split); "
+                     f"got {settings.split!r}.")
 
 
 def local_mesh() -> Mesh:

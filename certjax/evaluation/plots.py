@@ -35,6 +35,23 @@ def _figure(width: float, height: float):
   return Figure(figsize=(width, height), dpi=100)
 
 
+def _draw_references_and_caps(ax, references: Iterable[Reference],
+                              caps: Mapping[str, float]) -> None:
+  """Published curves dashed black; the largest certifiable radii dotted grey."""
+  for ref in references:
+    ax.plot(ref.x, ref.accuracy, "k--o", markersize=4, linewidth=1, label=ref.label)
+  for label, cap in caps.items():
+    ax.axvline(cap, color="gray", linestyle=":", linewidth=1, label=label)
+
+
+def _radius_axes(ax, norm: str, right: float, legend_size: int) -> None:
+  ax.set_xlabel(f"{norm} radius (pixels in [0, 1])")
+  ax.set_xlim(0.0, right)
+  ax.set_ylim(0.0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower left", fontsize=legend_size)
+
+
 def certified_accuracy_figure(curves: Mapping[str, Any], *, norm: str = "L2",
                               max_radius: float | None = None,
                               radius_caps: Mapping[str, float] | None = None,
@@ -67,16 +84,9 @@ def certified_accuracy_figure(curves: Mapping[str, Any], *, norm: str = "L2",
   ax = fig.add_subplot()
   for name, results in curves.items():
     ax.plot(grid, stats.certified_accuracy(results.radius, results.correct, grid), label=name)
-  for ref in references:
-    ax.plot(ref.x, ref.accuracy, "k--o", markersize=4, linewidth=1, label=ref.label)
-  for label, cap in caps.items():
-    ax.axvline(cap, color="gray", linestyle=":", linewidth=1, label=label)
-  ax.set_xlabel(f"{norm} radius (pixels in [0, 1])")
+  _draw_references_and_caps(ax, references, caps)
+  _radius_axes(ax, norm, right, legend_size=8)
   ax.set_ylabel("certified accuracy")
-  ax.set_xlim(0.0, right)
-  ax.set_ylim(0.0, 1.02)
-  ax.grid(alpha=0.3)
-  ax.legend(loc="lower left", fontsize=8)
   if title:
     ax.set_title(title, fontsize=10)
   fig.tight_layout()
@@ -118,17 +128,13 @@ def certified_accuracy_panels(runs: Sequence[Any], references: Iterable[Referenc
       if settings.get("n") and settings.get("alpha"):
         caps.add((int(settings["n"]), float(settings["alpha"]),
                   str(settings.get("noise", "gaussian"))))
-    for ref in (r for r in references if r.sigma == sigma):
-      ax.plot(ref.x, ref.accuracy, "k--o", markersize=4, linewidth=1, label=ref.label)
-    for n, alpha, noise in sorted(caps):
-      ax.axvline(stats.max_certifiable_radius(sigma, n, alpha, noise), color="gray",
-                 linestyle=":", linewidth=1, label=f"largest radius n={n:,} can certify")
+    _draw_references_and_caps(
+        ax, [r for r in references if r.sigma == sigma],
+        {f"largest radius n={n:,} can certify": stats.max_certifiable_radius(sigma, n, alpha,
+                                                                            noise)
+         for n, alpha, noise in sorted(caps)})
     ax.set_title(f"sigma = {sigma:g}")
-    ax.set_xlabel("L2 radius (pixels in [0, 1])")
-    ax.set_xlim(0, right)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=7)
+    _radius_axes(ax, "L2", right, legend_size=7)
   axes[0].set_ylabel("certified accuracy")
   fig.tight_layout()
   return fig

@@ -164,10 +164,7 @@ def validate_settings(settings: Any, setup: EvalSetup | None = None) -> None:
   _eps_list(settings)
   validation.check_int_at_least(settings.batch_size, "attack.batch_size", 1)
   validation.check_int_at_least(settings.seed, "attack.seed", 0)
-  validation.check_int_at_least(settings.checkpoint_step, "attack.checkpoint_step", -1)
-  if not isinstance(settings.split, str):
-    raise ValueError(f"attack.split must be a split name or '' (the data's eval split); "
-                     f"got {settings.split!r}.")
+  common.check_selection_settings(settings, SECTION)
 
 
 def merge_results(parts: Sequence[RobustAccuracyResult | None]) -> RobustAccuracyResult:

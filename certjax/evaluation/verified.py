@@ -110,10 +110,7 @@ def validate_settings(settings: Any, setup: EvalSetup | None = None) -> None:
   validation.check_int_at_least(settings.batch_size, "verify.batch_size", 1)
   validation.check_int_at_least(settings.crown_max_neurons, "verify.crown_max_neurons", 0)
   validation.check_int_at_least(settings.crown_batch_size, "verify.crown_batch_size", 1)
-  validation.check_int_at_least(settings.checkpoint_step, "verify.checkpoint_step", -1)
-  if not isinstance(settings.split, str):
-    raise ValueError(f"verify.split must be a split name or '' (the data's eval split); got "
-                     f"{settings.split!r}.")
+  common.check_selection_settings(settings, SECTION)
 
 
 def relu_neurons_per_example(logits_fn: Callable[..., Any], image_shape: tuple[int, ...]) -> int:

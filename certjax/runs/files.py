@@ -29,28 +29,8 @@ def _fsync_directory(directory: str) -> None:
     os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> str:
-  """Writes `text` to `path` atomically (temporary file + rename); returns the path."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  _fsync_directory(directory)
-  return path
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-  """Writes `data` to `path` atomically; returns the path."""
+  """Writes `data` to `path` atomically (temporary file + fsync + rename); returns the path."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -65,7 +45,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  _fsync_directory(directory)
   return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+  """Writes `text` to `path` atomically (UTF-8); returns the path."""
+  if not isinstance(text, str):
+    raise TypeError(f"atomic_write_text writes str; got {type(text).__name__}.")
+  return atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2,

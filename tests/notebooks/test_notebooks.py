@@ -159,10 +159,12 @@ def test_03_throughput(tmp_path, monkeypatch):
   assert any(row["algorithm"] == "smoothing counts" and row["source"] == "live"
              for row in s["efficiency"])
   assert _images(nb) >= 2  # the summary chart and the smoothing chart
+  # Every committed reference report carries its kind: all are read, none is a note.
+  assert s["notes"] == []
   # Every kind without a report says so instead of failing.
   text = _all_text(nb)
   assert sorted(s["kinds_found"] + s["kinds_missing"]) == sorted(
-      ["attacks", "bounds", "smoothing", "smoothing_peers", "training"])
+      ["attacks", "bounds", "scaling", "smoothing", "smoothing_peers", "training"])
   for kind in s["kinds_missing"]:
     label = {"smoothing_peers": "smoothing peers (ART)"}.get(kind, kind)
     assert f"No {label} report" in text
