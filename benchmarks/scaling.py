@@ -238,7 +238,8 @@ def measure(num_devices: int, args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------- parent
 
 
-def _worker_env(num_devices: int, platform: str) -> dict[str, str]:
+def worker_env(num_devices: int, platform: str) -> dict[str, str]:
+  """The environment of a worker measuring `num_devices` devices of `platform`."""
   env = dict(os.environ)
   # Any device-count flag already present would fight ours: replace it.
   flags = re.sub(rf"{FORCE_FLAG}=\S*", "", env.get("XLA_FLAGS", "")).split()
@@ -257,7 +258,7 @@ def _run_worker(num_devices: int, args: argparse.Namespace) -> dict[str, Any]:
              "--warmup", str(args.warmup), "--repeats", str(args.repeats),
              "--min_time", str(args.min_time)]
   start = time.perf_counter()
-  proc = subprocess.run(command, cwd=ROOT, env=_worker_env(num_devices, args.platform),
+  proc = subprocess.run(command, cwd=ROOT, env=worker_env(num_devices, args.platform),
                         stdout=subprocess.PIPE, text=True, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
   if proc.returncode or not lines:

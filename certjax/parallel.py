@@ -529,14 +529,17 @@ def pad_rows(a: Any, size: int) -> np.ndarray:
   return out
 
 
-def _to_words(a: np.ndarray) -> np.ndarray:
+def to_words(a: np.ndarray) -> np.ndarray:
+  """`a`'s bytes as uint32 words (zero-padded): how `process_allgather` and
+  `broadcast_from_main` move any dtype bit-exactly (`from_words` inverts it)."""
   raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
   padded = np.zeros(-(-raw.size // 4) * 4, np.uint8)
   padded[:raw.size] = raw
   return padded.view(np.uint32)
 
 
-def _from_words(words: np.ndarray, like: np.ndarray) -> np.ndarray:
+def from_words(words: np.ndarray, like: np.ndarray) -> np.ndarray:
+  """The array of `like`'s dtype and shape whose bytes `to_words` packed."""
   raw = np.ascontiguousarray(words).view(np.uint8)[:like.nbytes]
   return raw.view(like.dtype).reshape(like.shape).copy()
 
@@ -553,8 +556,8 @@ def process_allgather(tree: Any) -> Any:
   leaves = [np.asarray(leaf) for leaf in leaves]
   if jax.process_count() == 1:
     return jax.tree.unflatten(treedef, [leaf[None] for leaf in leaves])
-  gathered = multihost_utils.process_allgather([_to_words(leaf) for leaf in leaves])
-  out = [np.stack([_from_words(row, leaf) for row in np.asarray(words)])
+  gathered = multihost_utils.process_allgather([to_words(leaf) for leaf in leaves])
+  out = [np.stack([from_words(row, leaf) for row in np.asarray(words)])
          for words, leaf in zip(gathered, leaves)]
   return jax.tree.unflatten(treedef, out)
 
@@ -569,9 +572,9 @@ def broadcast_from_main(tree: Any) -> Any:
   leaves = [np.asarray(leaf) for leaf in leaves]
   if jax.process_count() == 1:
     return jax.tree.unflatten(treedef, leaves)
-  words = multihost_utils.broadcast_one_to_all([_to_words(leaf) for leaf in leaves])
+  words = multihost_utils.broadcast_one_to_all([to_words(leaf) for leaf in leaves])
   return jax.tree.unflatten(
-      treedef, [_from_words(np.asarray(w), leaf) for w, leaf in zip(words, leaves)])
+      treedef, [from_words(np.asarray(w), leaf) for w, leaf in zip(words, leaves)])
 
 
 def host_to_global(local_batch: Any, mesh: Mesh) -> Any:

@@ -79,7 +79,7 @@ def download_verified(url: str, sha256: str, path: str) -> None:
              "or install pip another way (Debian: apt-get install python3-venv).")
 
 
-def _install_pip_from_wheel(python: str) -> None:
+def install_pip_from_wheel(python: str) -> None:
   """Installs pip into the venv from the newest pip wheel on the index.
 
   The wheel's sha256 is checked against the index's JSON before pip runs.
@@ -164,7 +164,7 @@ def main() -> None:
   else:
     say(f"reusing the environment {args.venv}")
   if not _has_pip(python):
-    _install_pip_from_wheel(python)
+    install_pip_from_wheel(python)
   target = ROOT + (f"[{args.extras}]" if args.extras else "")
   say(f"installing {target} and its dependencies into {args.venv} with pip (a few minutes "
       "on a fresh machine, seconds when they are installed already)")

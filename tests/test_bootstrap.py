@@ -64,7 +64,7 @@ def pip_runs(bootstrap, monkeypatch):
 
 def test_pip_wheel_with_matching_sha256_is_installed(bootstrap, index, pip_runs, capsys):
   index(index.sha256)
-  bootstrap._install_pip_from_wheel("/venv/bin/python")
+  bootstrap.install_pip_from_wheel("/venv/bin/python")
   [(command, wheel_bytes)] = pip_runs
   assert command[:2] == ["/venv/bin/python", os.path.join(command[-1], "pip")]
   assert command[-1].endswith(WHEEL) and wheel_bytes == index.content
@@ -81,7 +81,7 @@ def test_pip_wheel_without_matching_sha256_installs_nothing(bootstrap, index, pi
                                                            published, message):
   index(published)
   with pytest.raises(SystemExit) as e:
-    bootstrap._install_pip_from_wheel("/venv/bin/python")
+    bootstrap.install_pip_from_wheel("/venv/bin/python")
   assert message in str(e.value) and "Nothing was installed" in str(e.value)
   if published:
     assert f"expected {published}, got {index.sha256}" in str(e.value)

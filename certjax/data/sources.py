@@ -263,7 +263,8 @@ def mnist5k_split_indices(labels: np.ndarray, split_seed: int) -> dict[str, np.n
 
 
 @functools.lru_cache(maxsize=8)
-def _mnist5k_split(split: str, split_seed: int) -> ArraySource:
+def mnist5k_split(split: str, split_seed: int) -> ArraySource:
+  """The embedded digits' 'train' (4,000) or 'test' (1,000) split for a split seed (cached)."""
   path = mnist5k_path()
   images, labels = _mnist5k_arrays(path, (os.path.getmtime(path), os.path.getsize(path)))
   order = mnist5k_split_indices(labels, split_seed)[split]
@@ -364,7 +365,7 @@ def open_source(cfg: Any, split: str) -> Any:
           f"Unknown split {split!r} for {config_lib.EMBEDDED_NAME!r}. Accepted splits: "
           "'train' (4,000 digits), 'test' (1,000 digits), optionally sliced, "
           "e.g. 'train[:3600]'.")
-    source = _mnist5k_split(base, int(cfg.split_seed))
+    source = mnist5k_split(base, int(cfg.split_seed))
   elif cfg.manual_dir:
     images, labels = idx_lib.load_idx_split(cfg.manual_dir, base)
     source = ArraySource(images, labels)

@@ -74,7 +74,7 @@ def test_scaling_rejects_batch_not_divisible_by_device_counts(tmp_path):
 
 def test_worker_env_replaces_an_existing_device_count_flag(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1 --xla_force_host_platform_device_count=3")
-  env = scaling._worker_env(4, "cpu")
+  env = scaling.worker_env(4, "cpu")
   assert env["XLA_FLAGS"].split() == ["--xla_cpu_foo=1",
                                       "--xla_force_host_platform_device_count=4"]
   assert env["JAX_PLATFORMS"] == "cpu"

@@ -68,7 +68,7 @@ def test_split_partitions_the_file(splits, raw_table):
 def test_test_set_is_deterministic_and_depends_on_split_seed_only(splits):
   cfg = data.default_data_config()
   x0, y0 = splits["test"]
-  sources._mnist5k_split.cache_clear()
+  sources.mnist5k_split.cache_clear()
   x1, y1 = data.load_arrays(cfg, "test")
   np.testing.assert_array_equal(x0, x1)
   np.testing.assert_array_equal(y0, y1)

@@ -127,7 +127,7 @@ def test_single_process_gather_and_broadcast_keep_dtypes():
     np.testing.assert_array_equal(broadcast[k], v)
   # The uint32 encoding used between hosts is bit-exact.
   for v in tree.values():
-    np.testing.assert_array_equal(parallel._from_words(parallel._to_words(v), v), v)
+    np.testing.assert_array_equal(parallel.from_words(parallel.to_words(v), v), v)
 
 
 def _part(correct, robust_after_each, seconds):
