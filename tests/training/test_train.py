@@ -222,3 +222,31 @@ def test_resumed_run_logs_every_step_once(full_run, tmp_path):
   # Started again once finished, the run logs nothing twice.
   train_lib.train_and_evaluate(tiny_config(), workdir)
   assert metrics_lib.read_metrics(workdir) == records
+
+
+def test_config_evals_run_inside_training_and_are_logged(tmp_path):
+  config = tiny_config(num_train_steps=40)
+  config.evals.pgd = {"type": "robust", "every_steps": 20, "eps_list": (0.05,),
+                      "attacks": ("pgd",), "num_steps": 2, "skip": 10, "max": 200}
+  config.evals.ibp = {"type": "verified", "eps_list": (0.001,), "methods": ("ibp",),
+                      "skip": 10, "max": 200}
+  workdir = str(tmp_path)
+  result = train_lib.train_and_evaluate(config, workdir)
+  records = metrics_lib.read_metrics(workdir)
+  logged = {(r["split"], r["step"]) for r in records if r["split"].startswith("evals/")}
+  # every_steps=20: at 20 and at the end; every_steps=0 (the default): at the end.
+  assert logged == {("evals/pgd", 20), ("evals/pgd", 40), ("evals/ibp", 40)}
+  last = [r for r in records if r["split"] == "evals/pgd" and r["step"] == 40][0]
+  assert 0.0 <= last["robust_accuracy@0.05"] <= last["clean_accuracy"] <= 1.0
+  assert result.eval_metrics["evals/pgd/robust_accuracy@0.05"] == last["robust_accuracy@0.05"]
+  # The evaluator's files of each step, and the robust accuracy the standalone
+  # evaluator computes on the same checkpoint and images.
+  for step in (20, 40):
+    assert os.path.exists(os.path.join(workdir, "evals", "pgd", str(step), "results.json"))
+  from certjax import evaluation  # pylint: disable=import-outside-toplevel
+  config.attack.update({k: v for k, v in config.evals.pgd.items()
+                        if k not in ("type", "every_steps", "skip", "max")})
+  config.skip, config.max = 10, 200
+  alone = evaluation.evaluate_workdir(config, workdir, "robust", verbose=False)
+  assert alone.metrics["robust_accuracy@0.05"] == last["robust_accuracy@0.05"]
+  assert alone.metrics["clean_accuracy"] == last["clean_accuracy"]
