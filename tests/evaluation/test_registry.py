@@ -144,3 +144,16 @@ def test_an_interrupted_run_resumes_after_its_last_unit(tiny_context, tmp_path, 
   other = tiny_context.__class__(**{**ctx.__dict__, "step": 8})
   evaluate(other)
   assert os.path.exists(str(log) + ".stale")
+
+
+def test_a_plain_logits_fn_is_evaluated_like_a_model(tiny_context):
+  variables = tiny_context.variables
+  ctx = evaluation.EvalContext.from_logits_fn(lambda x: relu_net(variables, x),
+                                              tiny_context.data, num_classes=4)
+  settings = {"eps_list": (0.3,), "attacks": ("fgsm",), "batch_size": 8}
+  plain = evaluation.get_evaluator("robust", settings, num_classes=4)(ctx)
+  model = evaluation.get_evaluator("robust", settings, num_classes=4)(tiny_context)
+  assert plain.metrics == model.metrics
+  np.testing.assert_array_equal(plain.details.per_eps[0].robust, model.details.per_eps[0].robust)
+  with pytest.raises(ValueError, match="logits_fn must be callable"):
+    evaluation.EvalContext.from_logits_fn("model", tiny_context.data, num_classes=4)
