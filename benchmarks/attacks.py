@@ -68,7 +68,6 @@ save the weights and batch here and run the peers elsewhere without JAX:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -448,10 +447,7 @@ def main():
                             entry["certjax_pgd10_speedup" + tag].items())
                 + f"; fwd+bwd x10 jax/torch x{entry['certjax_fwd_bwd_x10_speedup' + tag]:.2f}",
                 flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  print(f"wrote {args.out}")
+  common.write_report(args.out, report)
 
 
 if __name__ == "__main__":

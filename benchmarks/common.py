@@ -20,6 +20,8 @@ import statistics
 import time
 from typing import Any, Callable
 
+from certjax.runs import files
+
 # The `kind` of each script's report: what benchmarks/reports.py dispatches on.
 KINDS = ("training",         # train_throughput.py
          "attacks",          # attacks.py (also --peers, --peers-only)
@@ -89,7 +91,11 @@ def time_call(fn: Callable[..., Any], *args, warmup: int = 2, repeats: int = 7,
 
 
 def write_report(path: str, report: dict[str, Any]) -> None:
-  """Writes `report` as indented JSON with sorted keys.
+  """Writes `report` as indented JSON with sorted keys, atomically.
+
+  A report without a `time` gets the time of writing, so that readers date it
+  by its measurement rather than by the file's modification time (which a
+  fresh clone sets to the clone's).
 
   Raises:
     ValueError: when the report has no `kind` of `KINDS` (a reader could not
@@ -98,7 +104,7 @@ def write_report(path: str, report: dict[str, Any]) -> None:
   if report.get("kind") not in KINDS:
     raise ValueError(f"A benchmark report needs a 'kind' of {', '.join(KINDS)}; "
                      f"got {report.get('kind')!r}.")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
+  report = dict(report)
+  report.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+  files.atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
   print(f"wrote {path}")

@@ -50,7 +50,12 @@ def test_write_report_refuses_a_report_without_a_known_kind(tmp_path):
     common.write_report(str(tmp_path / "r.json"), {"kind": "trainig"})
   assert not (tmp_path / "r.json").exists()
   common.write_report(str(tmp_path / "r.json"), {"kind": "bounds", "b": 1, "a": 2})
-  assert (tmp_path / "r.json").read_text() == '{\n  "a": 2,\n  "b": 1,\n  "kind": "bounds"\n}'
+  written = json.loads((tmp_path / "r.json").read_text())
+  # Keys sorted; a report without a time stamp is dated when written.
+  assert list(written) == ["a", "b", "kind", "time"]
+  assert written["time"][:4].isdigit() and "T" in written["time"]
+  common.write_report(str(tmp_path / "r.json"), {"kind": "bounds", "time": "2026-11-22"})
+  assert json.loads((tmp_path / "r.json").read_text())["time"] == "2026-11-22"
 
 
 def test_every_committed_reference_report_is_read_by_its_kind():
