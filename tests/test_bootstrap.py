@@ -5,7 +5,6 @@ PyPI's JSON API), so nothing is downloaded; pip itself is never run.
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -14,17 +13,15 @@ import sys
 
 import pytest
 
+from tests._load import load_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEEL = "pip-99.0-py3-none-any.whl"
 
 
 @pytest.fixture
 def bootstrap():
-  spec = importlib.util.spec_from_file_location(
-      "bootstrap_under_test", os.path.join(ROOT, "scripts", "bootstrap.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file(os.path.join("scripts", "bootstrap.py"), "bootstrap_under_test")
 
 
 @pytest.fixture

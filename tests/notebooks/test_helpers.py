@@ -8,7 +8,6 @@ hand them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -24,19 +23,12 @@ import pytest  # pylint: disable=g-import-not-at-top
 from certjax import smoothing  # pylint: disable=g-import-not-at-top
 from certjax.evaluation import certified, plots  # pylint: disable=g-import-not-at-top
 from certjax.smoothing import analysis  # pylint: disable=g-import-not-at-top
+from tests._load import load_file  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _load_helpers():
-  spec = importlib.util.spec_from_file_location(
-      "notebook_helpers", os.path.join(ROOT, "notebooks", "_helpers.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-helpers = _load_helpers()
+helpers = load_file(os.path.join("notebooks", "_helpers.py"), "notebook_helpers")
 
 
 # ----------------------------------------------------------------------------
