@@ -1,31 +1,23 @@
-"""Shared pytest set-up: the JAX persistent compilation cache.
+"""Shared pytest set-up: the JAX persistent compilation cache, and small runs.
 
 Compile time dominates JAX tests on CPU, so every test process (pytest-xdist
 workers and the subprocesses some tests start) shares one on-disk cache.
+Small runs are the real config files at their 'smoke' scale
+(`certjax.training.config.make_smoke`): `smoke_config` builds one,
+`trained_run` trains it once per test process.
 """
 
-import os
+import atexit
+import functools
+import importlib
+import json
+import shutil
+import tempfile
 
-import jax
+from certjax.runs import environment
 
-_CACHE_DIR = os.environ.setdefault(
-    "CERTJAX_JAX_CACHE", os.path.expanduser("~/.cache/certjax/jax_cache"))
-os.makedirs(_CACHE_DIR, exist_ok=True)
-jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-# --------------------------------------------------------------------------
-# One shared way to get a small run: the real config files at their 'smoke'
-# scale (certjax.training.config.make_smoke), trained once per test process.
-
-import atexit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import functools  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import importlib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import json  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import shutil  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import tempfile  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# $CERTJAX_JAX_CACHE (default ~/.cache/certjax/jax_cache), as launchers and notebooks use it.
+environment.enable_compilation_cache()
 
 
 def smoke_config(name: str = "mnist5k", arg: str = "", overrides=None):
