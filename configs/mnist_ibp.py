@@ -27,7 +27,10 @@ here, small model at eps 0.1 with the whole schedule scaled to 10,000 steps
 learning-rate decays at steps 2,500 and 4,166): clean test error 3.27%,
 IBP-verified error 6.33%, CROWN-IBP (max with IBP) verified error 6.24% on
 the 10,000 test images; 1,110 s of training (about 9 steps/s on 2 CPU cores
-shared with other jobs) and 54 s of verification.
+shared with other jobs) and 54 s of verification. These figures were measured
+with certjax before its named random streams (commit 08f93b0, 2026-11-22):
+seed 0 now draws other initialisations and noise, so a re-run gives figures of
+the same quality, not the same digits.
 Runtime: the full 60k steps of the small model take about 2 hours on 2 CPU
 cores; minutes on a GPU.
 """

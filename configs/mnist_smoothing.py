@@ -29,7 +29,10 @@ certify is sigma * Phi^-1(0.001 ** (1 / 100000)) = 3.81 sigma (0.95 and
 1.91), hence the zeros. Clean accuracy of the base classifier without
 noise: 99.1% (both sigmas). Each model was trained for 10 epochs (4,688
 steps at batch 128); training took 2.3 min (sigma 0.25) and 6.2 min (sigma
-0.5, while other jobs ran).
+0.5, while other jobs ran). These figures were measured with certjax before
+its named random streams (commit 08f93b0, 2026-11-22): seed 0 now draws other
+initialisations and noise, so a re-run gives figures of the same quality, not
+the same digits.
 
 Certification time: 2.5 s per image at sigma 0.25 (20.4 min for 500 images,
 partly alongside test runs) and 2.2 s at sigma 0.5 (18.5 min), 40,000 to

@@ -2,7 +2,8 @@
 
 Settings: the `certify` section of a config (`default_config`). Every
 selected image is certified with CERTIFY (`certjax.smoothing.certify`); image
-`i` of the split uses the key `fold_in(key(certify.seed), i)`, so its
+`i` of the split uses the key `fold_in(stream_key(certify.seed, 'certify'), i)`
+(`certjax.keys`: never a training key, whatever the seeds), so its
 certificate depends neither on the selection (skip, max), nor on the grouping
 of images into calls, nor on the devices. Writes to its output directory
 (`<workdir>/certify/`, or `certify.output_dir`), under a run name that holds
@@ -20,7 +21,8 @@ seed, checkpoint step, split):
                    `n` draws can certify marked;
   <run>.log.jsonl  every image certified so far: an interrupted run resumes
                    after them, and a run with another selection reuses the
-                   images the two share.
+                   images the two share. (A TSV alone is not resumed from: it
+                   does not say how its noise was keyed.)
 
 sigma: `certify.sigma = -1` (the default) means the sigma the model was
 trained with (`config.objective.sigma` of the smoothing objectives); a
@@ -56,6 +58,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from certjax import keys
 from certjax import parallel
 from certjax import validation
 from certjax.evaluation import common
@@ -371,12 +374,11 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                    "split": ctx.data.split, "step": int(ctx.step), "noise": settings.noise,
                    "sigma": sigma, "n0": int(settings.n0), "n": int(settings.n),
                    "alpha": float(settings.alpha), "seed": int(settings.seed),
-                   "num_classes": int(num_classes)}
+                   # The key derivation: certificates of another one differ.
+                   "noise_stream": keys.CERTIFY, "num_classes": int(num_classes)}
     log = common.ResumeLog(common.log_path(ctx, name), fingerprint)
     tsv_path = None if output_dir is None else os.path.join(output_dir, f"{name}.tsv")
     main = parallel.is_main_process()
-    if log.path is not None and not log.completed:
-      _import_tsv(log, tsv_path)
     done = [i for i in indices if str(int(i)) in log.completed]
     todo = np.asarray([i for i in indices if str(int(i)) not in log.completed], np.int64)
     if done:  # on every process: each skips the same images
@@ -385,7 +387,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     if tsv_path is not None and main:
       rows = _rows(log.completed, np.asarray(done, np.int64))
       files.atomic_write_text(tsv_path, "\n".join(tsv_lines(rows)) + "\n")
-    key = jax.random.key(int(settings.seed))
+    key = keys.stream_key(int(settings.seed), keys.CERTIFY)
     group = int(settings.images_per_call) or jax.device_count()
     counter = common.progress(len(indices), "image", "certify")
     counter.update(len(done))
@@ -399,8 +401,8 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       radius = np.zeros(mine.size, np.float32)
       if mine.size:
         x, y = ctx.data.load(mine)
-        keys = sampling.keys_for_indices(key, mine)
-        cert = _certify_group(keys, logits_fn, x, sigma, settings, num_classes, mesh)
+        image_keys = sampling.keys_for_indices(key, mine)
+        cert = _certify_group(image_keys, logits_fn, x, sigma, settings, num_classes, mesh)
         labels, prediction, radius = y.astype(np.int32), cert.prediction, cert.radius
       labels, prediction, radius = common.gather_shares((labels, prediction, radius), size,
                                                         idx.size)
@@ -444,24 +446,6 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                       CertificationRun(results, summary, table, sigma, name))
 
   return evaluate
-
-
-def _import_tsv(log: common.ResumeLog, tsv_path: str | None) -> None:
-  """Seeds an empty log with the rows of a TSV of the same run name.
-
-  The run name holds every setting that changes a certificate, so each row
-  stays valid for its image: a TSV written without a log (an earlier
-  certjax, or a copy) is resumed from, as Cohen et al.'s files are.
-  """
-  rows = None
-  if parallel.is_main_process() and tsv_path is not None and os.path.exists(tsv_path):
-    try:
-      found = read_tsv(tsv_path)
-      rows = [[int(i), int(y), int(p), float(r), float(t)] for i, y, p, r, _, t in zip(*found)]
-    except ValueError as e:
-      logging.warning("Not resuming from %s: %s", tsv_path, e)
-  log.record_many({str(i): {"label": y, "predict": p, "radius": r, "time": t}
-                   for i, y, p, r, t in common.broadcast_json(rows) or []})
 
 
 def _rows(completed: Mapping[str, Mapping[str, Any]], indices: np.ndarray

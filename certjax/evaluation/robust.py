@@ -14,7 +14,8 @@ only on the examples every previous attack failed on
 Multi-host: each host attacks its share of the images on its own devices;
 per-example outcomes are gathered (`common.gather_shares`) so every image
 counts once and every host returns the same result. Every host attacks with
-`attack.seed`, so deterministic attacks (FGSM, PGD without random start)
+the key of stream 'attack' for `attack.seed` (`certjax.keys`), so
+deterministic attacks (FGSM, PGD without random start)
 give exactly the single-process result and randomised ones the same
 distribution. Radius e uses the keys of index e in `eps_list` whether it is
 run alone (a resumed run) or with the others.
@@ -31,10 +32,10 @@ import functools
 import os
 from typing import Any, List, Sequence, Tuple
 
-import jax
 import ml_collections
 import numpy as np
 
+from certjax import keys
 from certjax import parallel
 from certjax import validation
 from certjax.attacks import norms
@@ -300,7 +301,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                    "attack": {k: v for k, v in attack_config.items()
                               if k not in ("batch_size", "checkpoint_step")}}
     log = common.ResumeLog(common.log_path(ctx, RESULTS_STEM), fingerprint)
-    key = jax.random.key(seed)
+    key = keys.stream_key(seed, keys.ATTACK)
     counter = common.progress(len(eps_values) * len(attacks), "attack run", "robust")
     units = []
     for e_index, eps in enumerate(eps_values):

@@ -33,6 +33,7 @@ from absl import logging
 
 from certjax import data as data_lib
 from certjax import evaluation
+from certjax import keys
 from certjax import models as models_lib
 from certjax import parallel
 from certjax import runs
@@ -246,8 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   loss_fn = objectives_lib.get_objective(config.objective, ctx)
   periodic_evals = make_periodic_evals(config, info)
 
-  root_key = jax.random.key(config.seed)
-  init_key, train_key = jax.random.split(root_key)
+  # Named streams: no evaluator's key (certification noise, attacks) can
+  # equal a training key, whatever the seeds (certjax.keys).
+  init_key = keys.stream_key(int(config.seed), keys.TRAINING_INIT)
+  train_key = keys.stream_key(int(config.seed), keys.TRAINING_STEPS)
   state = jax.jit(functools.partial(create_train_state, config, model, tx, info),
                   out_shardings=parallel.replicated(mesh))(init_key)
 
