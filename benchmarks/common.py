@@ -17,10 +17,9 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Any, Callable
-
-from certjax.runs import files
 
 # The `kind` of each script's report: what benchmarks/reports.py dispatches on.
 KINDS = ("training",         # train_throughput.py
@@ -106,5 +105,11 @@ def write_report(path: str, report: dict[str, Any]) -> None:
                      f"got {report.get('kind')!r}.")
   report = dict(report)
   report.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-  files.atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+  # Atomic (temporary file + rename) without importing certjax, which the
+  # PyTorch peers' environment may lack.
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+    f.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+  os.replace(f.name, path)
   print(f"wrote {path}")
