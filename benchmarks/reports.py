@@ -364,6 +364,9 @@ def smoothing_table(reports: Sequence[Report]):
                  "smoothing forwards/s": d.get("smoothing_noisy_forwards_per_second"),
                  "smoothing / forward": d.get("ratio_smoothing_to_forward"),
                  "smoothing / forward (same options)": same_options,
+                 # Cohen et al.'s figure of merit, where the report timed CERTIFY.
+                 "certify s/image": d.get("certify_seconds_per_image"),
+                 "certify n": d.get("certify_n"),
                  "file": os.path.basename(r.path), "source": r.source})
   return pd.DataFrame(rows)
 
