@@ -11,11 +11,15 @@ load hits every method alike):
   crown_ibp   crown_ibp(logits_fn, box, margin_spec(y)): backward pass from 2 x 9
               margin functionals (lower and upper bounds)
   crown_ibp_lower  the same, lower bounds only (what verification and training need)
+  ibp_sound, crown_ibp_sound  ibp and crown_ibp with sound_rounding=True (every
+              bound rounded outward so that it holds for the float32 network)
   crown       full CROWN (one backward pass per neuron; small model, batch 1 only)
 
 and reports each as a multiple of the forward pass, plus the compiled
 programs' memory (`compiled.memory_analysis()`: temporaries + outputs), and the
 device, versions and load average (timings on a shared machine are inflated).
+The cost of floating-point soundness is reported as `sound_rounding_relative`:
+ibp_sound / ibp and crown_ibp_sound / crown_ibp on the same model and batch.
 
 With --training it also times one full training step (loss, gradient and Adam
 update, jitted) of certjax's `ibp_small` model under the objectives
@@ -25,12 +29,14 @@ each as a multiple of the standard step.
 
   python -m benchmarks.bounds --batch 128 --out bounds_benchmark.json
   python -m benchmarks.bounds --models small --no_crown --training
+  python -m benchmarks.bounds --models small --no_crown --batch 100  # sound-rounding cost
 
 (from the repository root).
 
 References:
   Gowal et al. 2018, https://arxiv.org/abs/1810.12715 (model architectures).
   Zhang et al. 2020, https://arxiv.org/abs/1906.06316 (CROWN-IBP).
+  Jia & Rinard 2021, https://arxiv.org/abs/2003.03021 (why sound rounding).
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ def _interleaved_medians(programs: dict, repeats: int) -> dict:
 
 
 def benchmark_model(name: str, model: nn.Module, batch: int, image_shape, eps: float,
-                    repeats: int, with_crown: bool) -> dict:
+                    repeats: int, with_crown: bool, with_sound: bool = True) -> dict:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(size=(batch,) + tuple(image_shape)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))
@@ -122,6 +128,10 @@ def benchmark_model(name: str, model: nn.Module, batch: int, image_shape, eps: f
       "crown_ibp_lower": (jax.jit(lambda b, s: crown_ibp(logits_fn, b, s, upper=False)),
                           (box, spec)),
   }
+  if with_sound:
+    programs["ibp_sound"] = (jax.jit(lambda b: ibp(logits_fn, b, sound_rounding=True)), (box,))
+    programs["crown_ibp_sound"] = (
+        jax.jit(lambda b, s: crown_ibp(logits_fn, b, s, sound_rounding=True)), (box, spec))
   medians = _interleaved_medians(programs, repeats)
   result = {
       "model": name, "batch": batch, "image_shape": list(image_shape), "eps": eps,
@@ -131,6 +141,10 @@ def benchmark_model(name: str, model: nn.Module, batch: int, image_shape, eps: f
       "crown_ibp_relative_to_ibp": medians["crown_ibp"] / medians["ibp"],
       "memory_bytes": {k: _memory_bytes(fn, *args) for k, (fn, args) in programs.items()},
   }
+  if with_sound:
+    result["sound_rounding_relative"] = {
+        "ibp": medians["ibp_sound"] / medians["ibp"],
+        "crown_ibp": medians["crown_ibp_sound"] / medians["crown_ibp"]}
   if with_crown:
     x1, y1 = x[:1], y[:1]
     box1, spec1 = linf_ball(x1, eps), margin_spec(y1, 10)
@@ -196,6 +210,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--models", default="small,large")
   parser.add_argument("--no_crown", action="store_true", help="skip full CROWN (small, batch 1)")
+  parser.add_argument("--no_sound", action="store_true",
+                      help="skip the sound_rounding variants of ibp and crown_ibp")
   parser.add_argument("--training", action="store_true",
                       help="also time training steps of the certified objectives")
   parser.add_argument("--out", default="results/bounds.json")
@@ -220,7 +236,8 @@ def main():
   }
   for name in args.models.split(","):
     result = benchmark_model(name, models[name], args.batch, image_shape, args.eps,
-                             args.repeats, with_crown=(name == "small" and not args.no_crown))
+                             args.repeats, with_crown=(name == "small" and not args.no_crown),
+                             with_sound=not args.no_sound)
     report["results"].append(result)
     rel = result["relative_to_forward"]
     print(f"[{name}] forward {result['seconds']['forward'] * 1e3:.2f} ms | x forward: "
@@ -229,6 +246,10 @@ def main():
     mem = {k: (None if v is None else round(v / 2**20, 1))
            for k, v in result["memory_bytes"].items()}
     print(f"[{name}] memory MiB (temp + output): {mem}")
+    if "sound_rounding_relative" in result:
+      sound = result["sound_rounding_relative"]
+      print(f"[{name}] sound_rounding cost: ibp x{sound['ibp']:.2f}, "
+            f"crown_ibp x{sound['crown_ibp']:.2f} (same model and batch)")
     if "crown_batch1" in result:
       c = result["crown_batch1"]
       print(f"[{name}] batch 1: " + ", ".join(f"{k} {v * 1e3:.1f} ms"

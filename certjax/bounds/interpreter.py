@@ -7,6 +7,12 @@ primitives (`jit`, `custom_jvp_call`, `remat`, ...) carry an inner jaxpr that
 opaque. Values in the environment are whatever the analysis uses (arrays,
 `Interval`s, tagged arrays).
 
+Every matrix product and convolution an analysis binds goes through
+`full_precision`: bounds are only as good as the arithmetic that computes
+them, and the default precision on accelerators (TF32 on GPUs, one bfloat16
+pass on TPUs, or whatever `jax.default_matmul_precision` says at trace time)
+is not float32.
+
 References:
   jax_verify `src/bound_propagation.py` (DeepMind), for the design of a
   primitive-by-primitive jaxpr interpreter.
@@ -14,8 +20,9 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import jax
 from jax.extend import core as jex_core
 
 # Primitives whose semantics are "evaluate this inner jaxpr". Names, not
@@ -27,6 +34,23 @@ CALL_PRIMITIVES = frozenset({
 })
 
 EqnEvaluator = Callable[[Any, list], list]
+
+PRODUCT_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+"""Primitives whose `precision` parameter `full_precision` overrides."""
+
+HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+
+
+def full_precision(name: str, params: Mapping[str, Any]) -> Any:
+  """`params` of primitive `name` with products forced to float32 (`Precision.HIGHEST`).
+
+  The traced `precision` reflects the caller's code and the default in force
+  when it was traced (`jax.default_matmul_precision`), e.g. bfloat16 or TF32
+  passes: fine for inference, unsound for bounds.
+  """
+  if name in PRODUCT_PRIMITIVES:
+    return dict(params, precision=HIGHEST)
+  return params
 
 
 def inner_jaxpr(eqn) -> tuple[Any, Sequence[Any]] | None:
@@ -47,8 +71,8 @@ def call_name(eqn) -> str | None:
 
 
 def bind_eqn(eqn, invals: Sequence[Any]) -> list:
-  """Evaluates `eqn` on concrete (or traced) values; always returns a list."""
-  params = eqn.primitive.get_bind_params(eqn.params)
+  """Evaluates `eqn` on concrete (or traced) values, products at full precision; a list."""
+  params = full_precision(eqn.primitive.name, eqn.primitive.get_bind_params(eqn.params))
   with eqn.ctx.manager:
     out = eqn.primitive.bind(*invals, **params)
   return list(out) if eqn.primitive.multiple_results else [out]

@@ -93,7 +93,8 @@ def check_interval(interval: Any, name: str = "interval") -> Interval:
 
 
 def linf_ball(x: ArrayLike, eps: ArrayLike,
-              clip: tuple[float, float] | None = (0.0, 1.0)) -> Interval:
+              clip: tuple[float, float] | None = (0.0, 1.0), *,
+              sound_rounding: bool = False) -> Interval:
   """The L-infinity ball of radius `eps` around `x`, intersected with the `clip` box.
 
   Args:
@@ -101,6 +102,11 @@ def linf_ball(x: ArrayLike, eps: ArrayLike,
     eps: radius >= 0 (a scalar, or an array broadcastable to `x`, e.g. per example).
     clip: (low, high) box the ball is intersected with; `x` must lie inside it.
       None for no clipping (and no range check on `x`).
+    sound_rounding: round outward: x - eps and x + eps are rounded to the
+      nearest float, which can cut off the outermost float inputs of the
+      ball; with True, eps is rounded up to the input's type and the ends
+      moved one float outward (nextafter), so the box holds every float x'
+      with |x' - x| <= eps.
 
   Returns:
     `Interval(max(x - eps, low), min(x + eps, high))`.
@@ -133,7 +139,12 @@ def linf_ball(x: ArrayLike, eps: ArrayLike,
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)
   eps = jnp.asarray(eps, dtype=x.dtype)
-  lower, upper = x - eps, x + eps
+  if sound_rounding:
+    eps = jnp.nextafter(eps, jnp.asarray(jnp.inf, x.dtype))
+    lower = jnp.nextafter(x - eps, jnp.asarray(-jnp.inf, x.dtype))
+    upper = jnp.nextafter(x + eps, jnp.asarray(jnp.inf, x.dtype))
+  else:
+    lower, upper = x - eps, x + eps
   if clip is not None:
     lower = jnp.maximum(lower, jnp.asarray(clip[0], x.dtype))
     upper = jnp.minimum(upper, jnp.asarray(clip[1], x.dtype))

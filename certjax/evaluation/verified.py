@@ -18,7 +18,13 @@ per ReLU neuron, so it is skipped (and the reason recorded) on networks with
 more than `verify.crown_max_neurons` ReLU neurons per example, and computed
 `verify.crown_batch_size` images at a time. Bounds are always computed in
 float32: a model trained with compute_dtype='bfloat16' is evaluated through
-its float32 twin (`EvalContext.float32_apply_fn`).
+its float32 twin (`EvalContext.float32_apply_fn`), and every matrix product
+and convolution, of the bounds and of the clean prediction, runs at
+`Precision.HIGHEST` whatever `jax.default_matmul_precision` says (TF32 on
+GPUs and bfloat16 passes on TPUs are the defaults there). With
+`verify.sound_rounding` every bound is also rounded outward so that the
+verified images are robust for the float32 network itself, not only in exact
+arithmetic (Jia & Rinard 2021; see `certjax.bounds.ibp` for what is covered).
 
 Multi-host: each host bounds its share of the images on its own devices, in
 batches of `verify.batch_size / num_processes` rounded up to its device
@@ -30,6 +36,8 @@ References:
   Zhang et al. 2020, https://arxiv.org/abs/1906.06316 (CROWN-IBP).
   Zhang et al. 2018, https://arxiv.org/abs/1811.00866 (CROWN).
   Cohen et al. 2019, https://arxiv.org/abs/1902.02918 (skip/max selection).
+  Jia & Rinard 2021, "Exploiting Verified Neural Networks via Floating Point
+  Numerical Error", https://arxiv.org/abs/2003.03021 (sound_rounding).
 """
 
 from __future__ import annotations
@@ -79,6 +87,12 @@ def default_config() -> ml_collections.ConfigDict:
     crown_batch_size: images per full-CROWN computation (its memory grows
       with neurons x batch x layer size).
     checkpoint_step: checkpoint to restore; -1 = the newest.
+    sound_rounding: round every bound outward (nextafter after each
+      operation, Higham's gamma_n widening after each dot product or
+      convolution) so that a verified image is robust for the float32
+      network, not only in exact arithmetic (Jia & Rinard 2021). Off by
+      default: it costs time (see benchmarks/bounds.py) and a little
+      tightness.
   """
   return ml_collections.ConfigDict({
       "eps_list": (0.1,),
@@ -88,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
       "crown_max_neurons": 5000,
       "crown_batch_size": 4,
       "checkpoint_step": -1,
+      "sound_rounding": False,
   })
 
 
@@ -110,6 +125,9 @@ def validate_settings(settings: Any, setup: EvalSetup | None = None) -> None:
   validation.check_int_at_least(settings.batch_size, "verify.batch_size", 1)
   validation.check_int_at_least(settings.crown_max_neurons, "verify.crown_max_neurons", 0)
   validation.check_int_at_least(settings.crown_batch_size, "verify.crown_batch_size", 1)
+  sound_rounding = settings.get("sound_rounding", False)
+  if not isinstance(sound_rounding, bool):
+    raise ValueError(f"verify.sound_rounding must be True or False; got {sound_rounding!r}.")
   common.check_selection_settings(settings, SECTION)
 
 
@@ -120,16 +138,19 @@ def relu_neurons_per_example(logits_fn: Callable[..., Any], image_shape: tuple[i
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_steps(apply_fn: Callable[..., Any], method: str | None):
+def _compiled_steps(apply_fn: Callable[..., Any], method: str | None,
+                    sound_rounding: bool = False):
   """Jitted (variables, images, labels, mask[, eps]) -> per-image flags, one per apply_fn."""
 
   def correct(variables, x, y, mask):
     logits_fn = functools.partial(apply_fn, variables, train=False)
-    return (jnp.argmax(logits_fn(x), axis=-1) == y) & mask
+    # The float32 prediction the bounds are about, not a TF32 / bfloat16 one.
+    with jax.default_matmul_precision("float32"):
+      return (jnp.argmax(logits_fn(x), axis=-1) == y) & mask
 
   def verified(variables, x, y, mask, eps):
     logits_fn = functools.partial(apply_fn, variables, train=False)
-    lower = margin_lower_bounds(logits_fn, x, y, eps, method)
+    lower = margin_lower_bounds(logits_fn, x, y, eps, method, sound_rounding)
     return correct(variables, x, y, mask) & jnp.all(lower > 0, axis=-1)
 
   return jax.jit(correct if method is None else verified)
@@ -179,6 +200,10 @@ def format_table(summary: dict[str, Any]) -> str:
       cells.append("skipped" if r is None else
                    f"{r['verified_accuracy']:.2%} ({1 - r['verified_accuracy']:.2%})")
     lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
+  if summary.get("verify_config", {}).get("sound_rounding"):
+    lines.append("")
+    lines.append("Bounds rounded outward (verify.sound_rounding): verified for the float32 "
+                 "network, not only in exact arithmetic.")
   for note in summary["skipped"]:
     lines.append("")
     lines.append(f"{note['method']} skipped: {note['reason']}")
@@ -206,6 +231,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
   validate_settings(settings, setup)
   requested = list(dict.fromkeys(settings.methods))
   eps_list = [float(e) for e in settings.eps_list]
+  sound_rounding = bool(settings.get("sound_rounding", False))
 
   def evaluate(ctx: EvalContext) -> EvalResult:
     apply_fn = ctx.float32_apply_fn or ctx.apply_fn
@@ -230,6 +256,8 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     crown_batch = _local_batch(settings.crown_batch_size, mesh)
     fingerprint = {"evaluator": NAME, "step": int(ctx.step),
                    "indices": ctx.data.indices.tolist()}
+    if sound_rounding:  # never resume plain results as sound ones (or back)
+      fingerprint["sound_rounding"] = True
     log = common.ResumeLog(common.log_path(ctx, RESULTS_STEM), fingerprint)
     count = share.count
 
@@ -248,7 +276,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     counter = common.progress(len(methods) * len(eps_list), "bound", "verified")
     results = []
     for method in methods:
-      step = _compiled_steps(apply_fn, method)
+      step = _compiled_steps(apply_fn, method, sound_rounding)
       size = crown_batch if method == "crown" else batch
       for eps in eps_list:
         unit = run_unit(f"{method}@{eps!r}", step, size, np.float32(eps))
