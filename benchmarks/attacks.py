@@ -63,6 +63,26 @@ save the weights and batch here and run the peers elsewhere without JAX:
     python -m benchmarks.attacks --save-weights=/tmp/attack_bench.npz
     python -m benchmarks.attacks --peers-only --weights=/tmp/attack_bench.npz \
         --out=results/attacks_peers_only.json   # needs numpy + torch only
+
+AutoAttack against torchattacks (`--autoattack`): the benchmark's MLP
+(784-256-256-10) adversarially trained here on the embedded MNIST digits
+(PGD-AT, L-inf eps ramped to 0.3, `--aa-train-steps` Adam steps of 100
+digits), then attacked on the first `--aa-examples` test digits at L-inf
+eps 0.1 and 0.3 with certjax's AutoAttack standard version
+(`attacks.standard_attacks`) and FAB-T alone; robust accuracy after each
+attack and the per-example outcomes go to the report and, with
+`--save-weights`, to an .npz from which `--autoattack-peers-only` runs
+torchattacks on the PyTorch twin of the same weights: the same sequence
+with the reference's settings (APGD, APGD-T, FAB multi-targeted: 100 steps;
+Square: 5,000 queries, p_init 0.8, resc_schedule=False), torchattacks'
+own AutoAttack(version='standard') (which uses 10 steps and a rescaled
+Square schedule), and FAB-T alone, and counts the examples on which the
+two sides disagree:
+
+    python -m benchmarks.attacks --autoattack --save-weights=/tmp/aa.npz \
+        --out=/tmp/autoattack_certjax.json
+    python -m benchmarks.attacks --autoattack-peers-only --weights=/tmp/aa.npz \
+        --out=/tmp/autoattack_peers.json   # numpy, torch, torchattacks
 """
 
 from __future__ import annotations
@@ -259,6 +279,155 @@ def run_certjax(batch_size: int, warmup: int, repeats: int,
   return {"device": device, "results": results, "arrays": arrays}
 
 
+AA_EPS = (0.1, 0.3)
+AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def _train_autoattack_mlp(steps: int, seed: int = 0):
+  """The benchmark MLP, PGD-trained (L-inf, eps ramped 0 -> 0.3 over 40% of the steps)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from certjax import attacks
+  from certjax import data as data_lib
+
+  x_train, y_train = data_lib.load_arrays({"name": "mnist5k"}, "train", 0, 4000)
+  module = _flax_models()["mlp"]
+  variables = module.init(jax.random.key(seed), x_train[:1])
+  optimizer = optax.adam(1e-3)
+
+  @jax.jit
+  def step(variables, opt_state, key, xb, yb, eps):
+    model = jax.tree_util.Partial(module.apply, variables)
+    x_adv = attacks.pgd(key, model, xb, yb, eps=eps, num_steps=7, rel_step_size=2.5 / 7)
+
+    def loss(params):
+      logits = module.apply({"params": params}, x_adv)
+      return jnp.mean(attacks.cross_entropy(logits, yb))
+
+    grads = jax.grad(loss)(variables["params"])
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return {"params": optax.apply_updates(variables["params"], updates)}, opt_state
+
+  opt_state = optimizer.init(variables["params"])
+  rng = np.random.default_rng(seed)
+  for i in range(steps):
+    batch = rng.choice(len(y_train), 100, replace=False)
+    eps = np.float32(0.3 * min(1.0, i / (0.4 * steps)))
+    variables, opt_state = step(variables, opt_state, jax.random.key(i), x_train[batch],
+                                y_train[batch], eps)
+  return module, variables
+
+
+def run_autoattack_certjax(num_examples: int, train_steps: int) -> Dict[str, Any]:
+  """certjax's AutoAttack standard version and FAB-T alone on the PGD-trained MLP."""
+  import jax
+
+  from certjax import attacks
+  from certjax import data as data_lib
+
+  start = time.perf_counter()
+  module, variables = _train_autoattack_mlp(train_steps)
+  train_seconds = time.perf_counter() - start
+  x, y = data_lib.load_arrays({"name": "mnist5k"}, "test", 0, num_examples)
+  logits_fn = jax.tree_util.Partial(module.apply, variables)
+  clean_logits = np.asarray(jax.jit(logits_fn)(x))
+  report = {"model": "mlp 784-256-256-10, PGD-AT", "train_steps": train_steps,
+            "train_seconds": train_seconds, "num_examples": num_examples,
+            "clean_accuracy": float(np.mean(clean_logits.argmax(-1) == y)), "results": {}}
+  arrays = {"mlp/x": x, "mlp/y": y.astype(np.int64), "mlp/clean_logits": clean_logits}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
+    arrays["mlp/params/" + "/".join(str(p.key) for p in path)] = np.asarray(leaf)
+  for name, sequence, suite in (
+      ("standard", attacks.standard_attacks("linf", num_classes=10), attacks.AUTOATTACK_STANDARD),
+      ("fab_t_alone", [("fab-t", attacks.make_fab_targeted())], "")):
+    start = time.perf_counter()
+    result = attacks.robust_accuracy(jax.random.key(0), logits_fn, x, y, attacks=sequence,
+                                     eps_list=AA_EPS, norm="linf", batch_size=num_examples,
+                                     suite=suite, verbose=True)
+    entry = result.to_dict()
+    entry["seconds_total"] = time.perf_counter() - start
+    report["results"][name] = entry
+    for e, r in zip(AA_EPS, result.per_eps):
+      arrays[f"ours/{name}/{e:g}/robust"] = r.robust.astype(np.int8)
+    print(result.table(), flush=True)
+  return {"report": report, "arrays": arrays}
+
+
+def run_autoattack_peers(arrays: Dict[str, np.ndarray], torch_threads: int = 0) -> Dict[str, Any]:
+  """torchattacks on the PyTorch twin: the reference settings, its own 'standard', FAB-T."""
+  try:
+    import torch
+    import torchattacks
+  except ImportError as e:
+    return {"skipped": f"torch / torchattacks not installed ({e})"}
+  if torch_threads > 0:
+    torch.set_num_threads(torch_threads)
+  model = _torch_models(arrays)["mlp"]
+  x = torch.from_numpy(arrays["mlp/x"].transpose(0, 3, 1, 2).copy())
+  y = torch.from_numpy(arrays["mlp/y"].astype(np.int64))
+  with torch.no_grad():
+    logits = model(x)
+    correct = (logits.argmax(-1) == y).numpy()
+  out = {"max_abs_logit_diff_vs_flax": float(np.abs(logits.numpy()
+                                                    - arrays["mlp/clean_logits"]).max()),
+         "clean_accuracy": float(correct.mean()), "torch_threads": torch.get_num_threads(),
+         "results": {}}
+
+  def reference_settings(eps):
+    common_args = dict(norm="Linf", eps=eps, seed=0)
+    return [("apgd-ce", torchattacks.APGD(model, steps=100, n_restarts=1, loss="ce",
+                                          **common_args)),
+            ("apgd-t", torchattacks.APGDT(model, steps=100, n_restarts=1, n_classes=10,
+                                          **common_args)),
+            ("fab-t", torchattacks.FAB(model, steps=100, n_restarts=1, multi_targeted=True,
+                                       n_classes=10, **common_args)),
+            ("square", torchattacks.Square(model, n_queries=5000, n_restarts=1, p_init=0.8,
+                                           resc_schedule=False, **common_args))]
+
+  def sequence(attacks_list, eps):
+    robust = correct.copy()
+    after, seconds = {}, {}
+    for name, atk in attacks_list:
+      start = time.perf_counter()
+      idx = np.nonzero(robust)[0]
+      if idx.size:
+        adv = atk(x[idx], y[idx]).detach()
+        with torch.no_grad():
+          fooled = (model(adv).argmax(-1) != y[idx]).numpy()
+        linf = (adv - x[idx]).abs().reshape(len(idx), -1).max(1)[0].numpy()
+        if np.any(linf[fooled] > eps * (1 + 1e-4) + 1e-6) or adv.min() < 0 or adv.max() > 1:
+          raise ValueError(f"torchattacks {name} left the ball or the box at eps={eps}")
+        robust[idx[fooled]] = False
+      after[name] = float(robust.mean())
+      seconds[name] = time.perf_counter() - start
+    return robust, after, seconds
+
+  for eps in AA_EPS:
+    entry = {}
+    for name, attacks_list in (
+        ("standard", reference_settings(eps)),
+        ("fab_t_alone", [a for a in reference_settings(eps) if a[0] == "fab-t"]),
+        ("torchattacks_autoattack_standard", [("autoattack", torchattacks.AutoAttack(
+            model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0))])):
+      robust, after, seconds = sequence(attacks_list, eps)
+      entry[name] = {"robust_accuracy_after": after, "seconds": seconds,
+                     "robust_accuracy": float(robust.mean())}
+      ours_key = f"ours/{name}/{eps:g}/robust"
+      if ours_key in arrays:
+        ours = arrays[ours_key].astype(bool)
+        entry[name]["disagreements_with_certjax"] = {
+            "robust_here_broken_by_certjax": int(np.sum(robust & ~ours)),
+            "broken_here_robust_for_certjax": int(np.sum(~robust & ours))}
+      print(f"[torchattacks] eps={eps:g} {name}: " + ", ".join(
+          f"{k} {100 * v:.1f}%" for k, v in after.items())
+            + (f"; disagreements {entry[name].get('disagreements_with_certjax')}"
+               if ours_key in arrays else ""), flush=True)
+    out["results"][f"{eps:g}"] = entry
+  return out
+
+
 # ----------------------------------------------------------------------------
 # PyTorch side: needs numpy, torch and (optionally) torchattacks / ART only.
 
@@ -286,14 +455,18 @@ def _torch_models(arrays: Dict[str, np.ndarray]):
     def forward(self, x):
       return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
 
-  mlp = nn.Sequential(NHWCFlatten(), dense("mlp/params/fc1", 784, 256), nn.ReLU(),
-                      dense("mlp/params/fc2", 256, 256), nn.ReLU(),
-                      dense("mlp/params/fc3", 256, 10))
-  cnn = nn.Sequential(conv("cnn/params/conv1", 3, 32), nn.ReLU(),
-                      conv("cnn/params/conv2", 32, 64), nn.ReLU(), NHWCFlatten(),
-                      dense("cnn/params/fc1", 8 * 8 * 64, 128), nn.ReLU(),
-                      dense("cnn/params/fc2", 128, 10))
-  return {"mlp": mlp.eval(), "cnn": cnn.eval()}
+  models = {}
+  # Only the models whose weights were saved (--autoattack saves the MLP's).
+  if "mlp/params/fc1/kernel" in arrays:
+    models["mlp"] = nn.Sequential(NHWCFlatten(), dense("mlp/params/fc1", 784, 256), nn.ReLU(),
+                                  dense("mlp/params/fc2", 256, 256), nn.ReLU(),
+                                  dense("mlp/params/fc3", 256, 10)).eval()
+  if "cnn/params/conv1/kernel" in arrays:
+    models["cnn"] = nn.Sequential(conv("cnn/params/conv1", 3, 32), nn.ReLU(),
+                                  conv("cnn/params/conv2", 32, 64), nn.ReLU(), NHWCFlatten(),
+                                  dense("cnn/params/fc1", 8 * 8 * 64, 128), nn.ReLU(),
+                                  dense("cnn/params/fc2", 128, 10)).eval()
+  return models
 
 
 def run_peers(arrays: Dict[str, np.ndarray], warmup: int, repeats: int,
@@ -393,6 +566,13 @@ def main():
   parser.add_argument("--weights", default=None, help=".npz written by --save-weights")
   parser.add_argument("--no-im2col", action="store_true",
                       help="leave out cnn_im2col (the CNN with im2col convolutions)")
+  parser.add_argument("--autoattack", action="store_true",
+                      help="AutoAttack standard (certjax) on a PGD-trained MLP; with "
+                           "--save-weights, the .npz for --autoattack-peers-only")
+  parser.add_argument("--autoattack-peers-only", action="store_true",
+                      help="torchattacks' AutoAttack on the twin of --weights (no JAX)")
+  parser.add_argument("--aa-examples", type=int, default=200)
+  parser.add_argument("--aa-train-steps", type=int, default=1000)
   parser.add_argument("--torch-threads", type=int, default=0,
                       help="torch.set_num_threads for the peers (0: torch's default). On an "
                            "oversubscribed CPU, 1 avoids OpenMP spin-waiting.")
@@ -404,6 +584,25 @@ def main():
       "note": "ratio = attack images/s / (10 chained fwd+bwd w.r.t. the input) images/s, "
               "same batch, same run; on a shared CPU, timings carry other processes' load",
   }
+  if args.autoattack or args.autoattack_peers_only:
+    report = {"benchmark": "AutoAttack standard: certjax vs torchattacks", "kind": "attacks",
+              "eps": list(AA_EPS), "norm": "linf"}
+    if args.autoattack_peers_only:
+      if not args.weights:
+        parser.error("--autoattack-peers-only needs --weights (from --autoattack --save-weights)")
+      report["environment"] = _environment("cpu (torch)")
+      report["autoattack_peers"] = run_autoattack_peers(dict(np.load(args.weights)),
+                                                        args.torch_threads)
+    else:
+      import jax  # pylint: disable=import-outside-toplevel
+      ours = run_autoattack_certjax(args.aa_examples, args.aa_train_steps)
+      report["environment"] = _environment(str(jax.devices()[0].device_kind))
+      report["autoattack_certjax"] = ours["report"]
+      if args.save_weights:
+        np.savez(args.save_weights, **ours["arrays"])
+        print(f"saved weights, digits and outcomes to {args.save_weights}")
+    common.write_report(args.out, report)
+    return
   if args.peers_only:
     if not args.weights:
       parser.error("--peers-only needs --weights (an .npz from --save-weights)")

@@ -28,8 +28,9 @@ at 8/255, about 52% robust accuracy at the best checkpoint and about 45-47%
 at the end of training (robust overfitting); Wong et al. report 83.8% clean
 and 46.1% under PGD-50 with 10 restarts for fast_at (15 epochs); TRADES
 reports 84.9% clean and 56.6% under PGD-20 for WRN-34-10. The attack
-section evaluates PGD-20 with steps of 2/255 (add 'autoattack' to
-`attack.attacks` for AutoAttack-style numbers, typically 3-5 points lower).
+section evaluates PGD-20 with steps of 2/255 (`--config.attack.suite=autoattack`
+runs AutoAttack's standard version instead, Croce & Hein 2020: typically 3-5
+points lower).
 """
 
 import math

@@ -26,7 +26,8 @@ restarts) for their model; TRADES reports 99.48% clean and 96.07% under
 FGSM^k-40 with their small CNN; Wong et al. report 98.5% clean and 88.8%
 under PGD-50 with 10 restarts for FGSM-AT. Expect this model to be in that
 range. The attack section evaluates PGD-100 with steps of 0.01 at eps 0.1,
-0.2, 0.3 (add 'autoattack' to `attack.attacks` for the stronger evaluation).
+0.2, 0.3 (`--config.attack.suite=autoattack` runs AutoAttack's standard
+version instead, Croce & Hein 2020, for the stronger evaluation).
 
 Measured (shortened run, 800 steps, 2 CPU cores shared with other jobs,
 seed 0): the IBP-paper small CNN instead of the large one, PGD-7 of

@@ -6,8 +6,9 @@ r"""Robust accuracy of a model trained by launch/train.py, per attack and eps.
 Use the config the model was trained with; the attack settings are
 `config.attack.*` (see certjax/evaluation/robust.py) and the images every
 `config.skip`-th of the split below index `config.max` (-1: all), e.g.
-`--config.attack.attacks='("pgd","autoattack")' --config.attack.eps_list='(0.1,0.3)'
---config.skip=10 --config.max=1000`. Writes <workdir>/attack/results.json and
+`--config.attack.suite=autoattack --config.attack.eps_list='(0.1,0.3)'
+--config.skip=10 --config.max=1000` for AutoAttack's standard version, or
+`--config.attack.attacks='("pgd","autoattack_custom")'` for a configurable one. Writes <workdir>/attack/results.json and
 results.md and prints the table.
 
 Multi-host: start the same command in every process (see launch/README.md);

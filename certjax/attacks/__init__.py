@@ -20,14 +20,16 @@ Modules:
   losses: cross-entropy, CW margin, DLR (targeted and untargeted).
   pgd: FGSM / FGM, PGD with restarts and schedules, MI-FGSM.
   apgd: APGD-CE / APGD-DLR, targeted APGD-T.
+  fab: FAB (minimum-norm, untargeted) and FAB-T (targeted, as in AutoAttack).
   square: Square attack (score-based black box).
   eot: Expectation over Transformation oracles.
   patch: adversarial patch training, application and evaluation.
   trades: TRADES' inner maximisation (the 'trades' training objective's attack).
-  runner: AutoAttack-style robust accuracy over radii.
+  runner: robust accuracy over radii under a sequence of attacks;
+    `standard_attacks` is AutoAttack's standard version.
 
 The package namespace holds the attack functions, so `certjax.attacks.pgd`,
-`.apgd` and `.square` are functions, not the modules of the same names;
+`.apgd`, `.fab` and `.square` are functions, not the modules of the same names;
 import module-level helpers with `from certjax.attacks.apgd import
 checkpoints` (which always resolves the module).
 """
@@ -37,22 +39,26 @@ from certjax.attacks.core import (AttackFn, DeterministicOracle, GradientOracle,
                                   bind_attack, checked)
 from certjax.attacks.apgd import apgd, apgd_targeted, make_apgd, make_apgd_targeted
 from certjax.attacks.eot import EOT, eot_gradient, eot_transform
+from certjax.attacks.fab import fab, fab_targeted, make_fab, make_fab_targeted
 from certjax.attacks.losses import cross_entropy, cw_margin, dlr
 from certjax.attacks.norms import NORMS, lp_norm, project, random_init, steepest_direction
 from certjax.attacks.patch import apply_patch, patch_success_rate, train_patch
 from certjax.attacks.pgd import fgm, fgsm, make_fgm, make_mi_fgsm, make_pgd, mi_fgsm, pgd
-from certjax.attacks.runner import (EpsResult, PerturbationError, RobustAccuracyResult,
-                                    check_perturbation, robust_accuracy, standard_attacks)
+from certjax.attacks.runner import (AUTOATTACK_STANDARD, EpsResult, PerturbationError,
+                                    RobustAccuracyResult, check_perturbation,
+                                    robust_accuracy, standard_attacks)
 from certjax.attacks.square import SquareInfo, make_square, square
 from certjax.attacks.trades import kl_divergence, trades_attack
 
 __all__ = [
-    "AttackFn", "DeterministicOracle", "EOT", "EpsResult", "GradientOracle", "NORMS",
-    "PerturbationError", "RobustAccuracyResult", "SquareInfo", "apgd", "apgd_targeted",
-    "apply_patch", "as_oracle", "bind_attack", "check_perturbation", "checked", "core",
-    "cross_entropy", "cw_margin", "dlr", "eot", "eot_gradient", "eot_transform", "fgm",
-    "fgsm", "losses", "lp_norm", "make_apgd", "make_apgd_targeted", "make_fgm",
-    "make_mi_fgsm", "make_pgd", "make_square", "mi_fgsm", "norms", "patch_success_rate",
-    "pgd", "project", "random_init", "robust_accuracy", "square", "standard_attacks",
-    "steepest_direction", "kl_divergence", "trades_attack", "train_patch",
+    "AUTOATTACK_STANDARD", "AttackFn", "DeterministicOracle", "EOT", "EpsResult",
+    "GradientOracle", "NORMS", "PerturbationError", "RobustAccuracyResult", "SquareInfo",
+    "apgd", "apgd_targeted", "apply_patch", "as_oracle", "bind_attack",
+    "check_perturbation", "checked", "core", "cross_entropy", "cw_margin", "dlr", "eot",
+    "eot_gradient", "eot_transform", "fab", "fab_targeted", "fgm", "fgsm", "losses",
+    "lp_norm", "make_apgd", "make_apgd_targeted", "make_fab", "make_fab_targeted",
+    "make_fgm", "make_mi_fgsm", "make_pgd", "make_square", "mi_fgsm", "norms",
+    "patch_success_rate", "pgd", "project", "random_init", "robust_accuracy", "square",
+    "standard_attacks", "steepest_direction", "kl_divergence", "trades_attack",
+    "train_patch",
 ]

@@ -23,6 +23,25 @@ the iterations that sets topk from the sparsity of the best point and either
 resets the step (when the sparsity dropped by more than 5%) or divides it by
 1.5 (clamped to [eps / 10, eps]).
 
+Random starts. `init='uniform'` (the default) draws the start uniformly in
+the ball (`norms.random_init`). `init='autoattack'` draws it as the
+reference code does: x + eps u / ||u||_inf with u uniform in [-1, 1]^d
+('linf', a point of the sphere), x + eps g / ||g||_2 with g standard normal
+('l2'), and for 'l1' the projection of x + g onto the L1 ball ∩ box; then
+clipped to [0, 1]. In high dimension the two nearly coincide (a uniform
+point of the ball lies near its sphere); AutoAttack's standard version uses
+the reference's.
+
+Large radii first (`large_reps=True`, 'l1' only; AutoAttack's standard L1
+version, `use_largereps` of the reference): every run is three APGD runs of
+ceil(0.3 N), ceil(0.3 N) and the remaining iterations at radii 3 eps, 2 eps
+and eps, each starting from the previous run's highest-loss point projected
+onto the next ball (the first from the reference's start: a standard normal
+g, x + g projected as a perturbation onto the 3 eps L1 ball ∩ box and then
+onto the ball around x; a quirk of the reference, reproduced), with the
+L1 sparsity (topk) initialised from that start. Only the last run, at eps,
+decides success.
+
 Integer checkpoint windows follow the reference implementation
 (first window int(0.22 N), shrinking by int(0.03 N) down to int(0.06 N), each
 at least 1), which gives the same checkpoints as ceil(p_j N) above for N = 100.
@@ -43,6 +62,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
@@ -60,6 +80,9 @@ from certjax.attacks.core import (AttackFn, GradientOracle, as_oracle, bind_atta
                                   validate_inputs)
 
 APGD_LOSSES = ("ce", "dlr", "cw")
+APGD_INITS = ("uniform", "autoattack")
+# use_largereps of the reference: radius factors and fractions of the iterations.
+_LARGE_REPS_FACTORS = (3.0, 2.0, 1.0)
 
 
 def checkpoints(num_steps: int, norm: str = "linf") -> Tuple[np.ndarray, np.ndarray]:
@@ -109,10 +132,36 @@ def _expand(mask: Array, like: Array) -> Array:
   return mask.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
+def random_start(key: PRNGKey, x: Array, eps: ArrayLike, norm: str, init: str) -> Array:
+  """APGD's random start: 'uniform' in the ball or the 'autoattack' reference's.
+
+  See the module docstring.
+  """
+  if init == "uniform":
+    return norms.random_init(key, x, eps, norm)
+  radius = norms.broadcast_per_example(eps, x)
+  if norm == "linf":
+    u = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+    start = x + radius * u / (_expand(norms.lp_norm(u, "linf"), x) + 1e-12)
+  elif norm == "l2":
+    g = jax.random.normal(key, x.shape, x.dtype)
+    start = x + radius * g / (_expand(norms.lp_norm(g, "l2"), x) + 1e-12)
+  else:
+    start = norms.project(x + jax.random.normal(key, x.shape, x.dtype), x, eps, "l1")
+  return jnp.clip(start, 0.0, 1.0)
+
+
+def large_reps_steps(num_steps: int) -> Tuple[int, int, int]:
+  """Iterations of the three runs of `large_reps` (the reference's rounding)."""
+  first = math.ceil(0.3 * num_steps)
+  return first, first, num_steps - 2 * first
+
+
 def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
              objective: Callable[[Array], Array],
              success: Callable[[Array], Array], norm: str, num_steps: int,
-             rho: ArrayLike) -> Tuple[Array, Array, Array]:
+             rho: ArrayLike, init: str = "uniform", x_init: Optional[Array] = None,
+             with_best: bool = False) -> Tuple[Array, ...]:
   """One APGD run from a random start; no validation.
 
   Cost: one `oracle.value_and_grad` call per iterate (the random start and
@@ -138,10 +187,16 @@ def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
     norm: 'linf', 'l2' or 'l1'.
     num_steps: iterations N.
     rho: condition-1 threshold.
+    init: random start, 'uniform' or 'autoattack' (`random_start`).
+    x_init: start here instead of a random point (in the ball and box); for
+      'l1' the sparsity of the first steps is then set from it, as the
+      reference does.
+    with_best: also return the highest-loss point.
 
   Returns:
     (x_out, fooled, loss_best): the first-found adversarial point where fooled,
-    else the highest-loss point; whether any iterate succeeded; best loss.
+    else the highest-loss point; whether any iterate succeeded; best loss;
+    and with `with_best` the highest-loss point as a fourth entry.
   """
   batch, dim = x.shape[0], x[0].size
   is_check_np, window_np = checkpoints(num_steps, norm)
@@ -165,15 +220,21 @@ def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
   def evaluate(i, x_new):
     return oracle.value_and_grad(jax.random.fold_in(k_steps, i), x_new, objective)
 
-  x0 = norms.random_init(k_init, x, eps, norm)
+  if x_init is None:
+    x0 = random_start(k_init, x, eps, norm, init)
+    topk0 = jnp.full((batch,), 0.2, x.dtype)
+    sparsity0 = jnp.full((batch,), float(dim), x.dtype)
+  else:
+    x0 = jnp.clip(x_init, 0.0, 1.0)
+    sparsity0 = jnp.sum(norms.flatten_batch(x0 - x) != 0, axis=1).astype(x.dtype)
+    topk0 = sparsity0 / dim / 1.5
   loss0, logits0, grad0 = evaluate(num_steps, x0)
-  topk0 = jnp.full((batch,), 0.2, x.dtype)
   state = _RunState(
       x_eval=propose(0, x0, x0, grad0, max_step, topk0), x_base=x0, loss_prev=loss0,
       x_best=x0, grad_best=grad0, loss_best=loss0, x_best_adv=x0, fooled=success(logits0),
       step=max_step, increases=jnp.zeros((batch,), x.dtype),
       loss_best_last_check=loss0, reduced_last_check=jnp.ones((batch,), bool),
-      topk=topk0, sparsity_old=jnp.full((batch,), float(dim), x.dtype))
+      topk=topk0, sparsity_old=sparsity0)
 
   def track_best(s: _RunState, loss, logits, grad):
     """Best points after evaluating s.x_eval (loss, logits, grad at it)."""
@@ -225,7 +286,27 @@ def apgd_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
   # could only change steps that never come.
   loss, logits, _ = evaluate(num_steps - 1, s.x_eval)
   x_best_adv, fooled, x_best, _, loss_best = track_best(s, loss, logits, None)
-  return jnp.where(_expand(fooled, x), x_best_adv, x_best), fooled, loss_best
+  out = (jnp.where(_expand(fooled, x), x_best_adv, x_best), fooled, loss_best)
+  return out + (x_best,) if with_best else out
+
+
+def _one_run(oracle: GradientOracle, key: PRNGKey, x: Array, eps: Array, *,
+             large_reps: bool, num_steps: int, **settings: Any) -> Tuple[Array, Array, Array]:
+  """One APGD run, or with `large_reps` the reference's three runs at 3, 2, 1 eps."""
+  if not large_reps:
+    return apgd_run(oracle, key, x, eps, num_steps=num_steps, **settings)
+  k_start, k_runs = jax.random.split(key)
+  # The reference projects the point x + g itself (not the perturbation g)
+  # onto the 3 eps L1 ball ∩ [-x, 1 - x], then that onto the ball around x.
+  v = x + jax.random.normal(k_start, x.shape, x.dtype)
+  v = norms.project(x + v, x, _LARGE_REPS_FACTORS[0] * eps, "l1") - x
+  for stage, (factor, steps) in enumerate(zip(_LARGE_REPS_FACTORS,
+                                              large_reps_steps(num_steps))):
+    v = norms.project(v, x, factor * eps, "l1")
+    x_out, fooled, loss_best, v = apgd_run(
+        oracle, jax.random.fold_in(k_runs, stage), x, factor * eps, num_steps=steps,
+        x_init=v, with_best=True, **settings)
+  return x_out, fooled, loss_best
 
 
 def _merge(best: Tuple[Array, Array, Array], new: Tuple[Array, Array, Array]):
@@ -238,12 +319,21 @@ def _merge(best: Tuple[Array, Array, Array], new: Tuple[Array, Array, Array]):
 
 
 def _check_config(norm: str, loss: Loss, num_steps: int, num_restarts: int, rho: Any,
-                  checked: bool = False):
+                  checked: bool = False, init: str = "uniform", large_reps: bool = False):
   check_choice(norm, "norm", norms.NORMS)
   if not callable(loss):
     check_choice(loss, "loss", APGD_LOSSES)
   check_int_at_least(num_steps, "num_steps", 1)
   check_int_at_least(num_restarts, "num_restarts", 1)
+  check_choice(init, "init", APGD_INITS)
+  if large_reps:
+    if norm != "l1":
+      raise ValueError(f"large_reps (the reference's use_largereps) is defined for "
+                       f"norm='l1' only; got norm={norm!r}.")
+    if min(large_reps_steps(num_steps)) < 1:
+      raise ValueError(
+          f"large_reps splits num_steps into runs of {large_reps_steps(num_steps)} "
+          f"iterations; num_steps={num_steps} leaves one empty. Use num_steps=3 or >= 5.")
   if is_concrete(rho):
     check_in_open_interval(rho, "rho", 0.0, 1.0)
   elif checked:
@@ -253,7 +343,8 @@ def _check_config(norm: str, loss: Loss, num_steps: int, num_restarts: int, rho:
 def apgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
          eps: ArrayLike, norm: str = "linf", loss: Loss = "ce",
          num_steps: int = 100, num_restarts: int = 1, rho: ArrayLike = 0.75,
-         target: Optional[ArrayLike] = None, checked: bool = False) -> Array:
+         target: Optional[ArrayLike] = None, init: str = "uniform",
+         large_reps: bool = False, checked: bool = False) -> Array:
   """APGD (Croce & Hein 2020): APGD-CE with loss='ce', APGD-DLR with loss='dlr'.
 
   Checks: eager calls check shapes, dtypes, settings and values (x finite and
@@ -276,6 +367,10 @@ def apgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     rho: condition-1 threshold (0.75).
     target: optional target labels for a targeted attack (success means
       predicting the target).
+    init: random start, 'uniform' in the ball or 'autoattack' (the reference
+      code's; see the module docstring).
+    large_reps: for 'l1', every run is the reference's three runs at radii
+      3 eps, 2 eps, eps (`use_largereps`; see the module docstring).
     checked: check traced values too, as `checkify` checks; the call must
       then run under `certjax.attacks.checked` (or `checkify.checkify`).
       False adds nothing to the program.
@@ -289,7 +384,7 @@ def apgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
-  _check_config(norm, loss, num_steps, num_restarts, rho, checked)
+  _check_config(norm, loss, num_steps, num_restarts, rho, checked, init, large_reps)
   num_classes = validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="apgd",
                                 checked=checked)
   _check_dlr_classes(loss, num_classes, targeted=target is not None)
@@ -304,8 +399,9 @@ def apgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
   best = (x, success(clean_logits), jnp.full((x.shape[0],), -jnp.inf, x.dtype))
 
   def body(r, best):
-    run = apgd_run(oracle, jax.random.fold_in(key, r), x, eps, objective=objective,
-                   success=success, norm=norm, num_steps=num_steps, rho=rho)
+    run = _one_run(oracle, jax.random.fold_in(key, r), x, eps, objective=objective,
+                   success=success, norm=norm, num_steps=num_steps, rho=rho, init=init,
+                   large_reps=large_reps)
     return _merge(best, run)
 
   return lax.fori_loop(0, num_restarts, body, best)[0]
@@ -314,8 +410,8 @@ def apgd(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
 def apgd_targeted(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
                   eps: ArrayLike, norm: str = "linf", num_steps: int = 100,
                   num_target_classes: int = 9, num_restarts: int = 1,
-                  rho: ArrayLike = 0.75, loss: Loss = "dlr",
-                  checked: bool = False) -> Array:
+                  rho: ArrayLike = 0.75, loss: Loss = "dlr", init: str = "uniform",
+                  large_reps: bool = False, checked: bool = False) -> Array:
   """APGD-T (Croce & Hein 2020): APGD on the targeted loss over the top classes.
 
   For t = 1 .. num_target_classes the target of each example is its (t+1)-th
@@ -342,6 +438,8 @@ def apgd_targeted(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     num_restarts: runs per target class.
     rho: condition-1 threshold.
     loss: targeted loss, 'dlr' (needs >= 4 classes), 'ce' or 'cw'.
+    init: random start, 'uniform' or 'autoattack' (see `apgd`).
+    large_reps: for 'l1', the reference's runs at 3 eps, 2 eps, eps (see `apgd`).
     checked: check traced values too, as `checkify` checks; the call must
       then run under `certjax.attacks.checked` (or `checkify.checkify`).
       False adds nothing to the program.
@@ -353,7 +451,7 @@ def apgd_targeted(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
-  _check_config(norm, loss, num_steps, num_restarts, rho, checked)
+  _check_config(norm, loss, num_steps, num_restarts, rho, checked, init, large_reps)
   check_int_at_least(num_target_classes, "num_target_classes", 1)
   num_classes = validate_inputs(oracle, x, y, eps=eps, norm=norm, name="apgd_targeted",
                                 checked=checked)
@@ -371,9 +469,10 @@ def apgd_targeted(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
   def body(r, best):
     target = lax.dynamic_index_in_dim(ranking, r // num_restarts + 1, axis=1,
                                       keepdims=False)
-    run = apgd_run(oracle, jax.random.fold_in(key, r), x, eps,
+    run = _one_run(oracle, jax.random.fold_in(key, r), x, eps,
                    objective=lambda logits: loss_fn(logits, y, target),
-                   success=success, norm=norm, num_steps=num_steps, rho=rho)
+                   success=success, norm=norm, num_steps=num_steps, rho=rho, init=init,
+                   large_reps=large_reps)
     return _merge(best, run)
 
   return lax.fori_loop(0, num_targets * num_restarts, body, best)[0]
@@ -389,19 +488,22 @@ def _check_dlr_classes(loss: Loss, num_classes: int, *, targeted: bool) -> None:
 
 
 def make_apgd(*, norm: str = "linf", loss: Loss = "ce", num_steps: int = 100,
-              num_restarts: int = 1, rho: float = 0.75) -> AttackFn:
+              num_restarts: int = 1, rho: float = 0.75, init: str = "uniform",
+              large_reps: bool = False) -> AttackFn:
   """`attack_fn(key, logits_fn, x, y, eps)` running `apgd` with this configuration."""
-  _check_config(norm, loss, num_steps, num_restarts, rho)
+  _check_config(norm, loss, num_steps, num_restarts, rho, init=init, large_reps=large_reps)
   return bind_attack(apgd, f"apgd-{losses_lib.loss_name(loss)}", norm=norm, loss=loss,
-                     num_steps=num_steps, num_restarts=num_restarts, rho=rho)
+                     num_steps=num_steps, num_restarts=num_restarts, rho=rho, init=init,
+                     large_reps=large_reps)
 
 
 def make_apgd_targeted(*, norm: str = "linf", num_steps: int = 100,
                        num_target_classes: int = 9, num_restarts: int = 1,
-                       rho: float = 0.75, loss: Loss = "dlr") -> AttackFn:
+                       rho: float = 0.75, loss: Loss = "dlr", init: str = "uniform",
+                       large_reps: bool = False) -> AttackFn:
   """`attack_fn(key, logits_fn, x, y, eps)` running `apgd_targeted`."""
-  _check_config(norm, loss, num_steps, num_restarts, rho)
+  _check_config(norm, loss, num_steps, num_restarts, rho, init=init, large_reps=large_reps)
   check_int_at_least(num_target_classes, "num_target_classes", 1)
   return bind_attack(apgd_targeted, "apgd-t", norm=norm, num_steps=num_steps,
                      num_target_classes=num_target_classes, num_restarts=num_restarts,
-                     rho=rho, loss=loss)
+                     rho=rho, loss=loss, init=init, large_reps=large_reps)

@@ -15,6 +15,10 @@ raises `PerturbationError` naming the attack, the radius and the example.
 That catches attacks that forget to project, and is the reason a buggy attack
 cannot report an inflated success.
 
+`standard_attacks(norm)` is AutoAttack's standard version (APGD-CE, APGD-T,
+FAB-T, Square with the reference's settings); pass
+`suite=AUTOATTACK_STANDARD` to `robust_accuracy` to name it in the results.
+
 References:
   Croce, Hein. Reliable Evaluation of Adversarial Robustness with an Ensemble
     of Diverse Parameter-free Attacks. ICML 2020 (AutoAttack).
@@ -42,7 +46,12 @@ from certjax.attacks import norms
 from certjax.attacks.core import as_oracle, logits_shape
 from certjax.attacks.apgd import make_apgd, make_apgd_targeted
 from certjax.attacks.core import AttackFn
+from certjax.attacks.fab import make_fab_targeted
 from certjax.attacks.square import SQUARE_NORMS, make_square
+
+# The name results carry for the sequence `standard_attacks` builds with its
+# defaults: AutoAttack's standard version.
+AUTOATTACK_STANDARD = "autoattack-standard (Croce & Hein 2020)"
 
 
 class PerturbationError(ValueError):
@@ -72,13 +81,18 @@ class EpsResult:
 
 @dataclasses.dataclass(frozen=True)
 class RobustAccuracyResult:
-  """Output of `robust_accuracy`; `to_dict()` for JSON, `table()` for reading."""
+  """Output of `robust_accuracy`; `to_dict()` for JSON, `table()` for reading.
+
+  `suite` names the attack sequence when it is a published one (e.g.
+  `AUTOATTACK_STANDARD`), '' otherwise.
+  """
   norm: str
   num_examples: int
   clean_accuracy: float
   attack_names: Tuple[str, ...]
   per_eps: Tuple[EpsResult, ...]
   correct: np.ndarray = dataclasses.field(repr=False, compare=False)
+  suite: str = ""
 
   def to_dict(self, *, include_masks: bool = False) -> Dict[str, Any]:
     """A JSON-serialisable dict (per-example masks as 0/1 lists if asked)."""
@@ -86,6 +100,7 @@ class RobustAccuracyResult:
         "norm": self.norm,
         "num_examples": self.num_examples,
         "clean_accuracy": self.clean_accuracy,
+        "suite": self.suite,
         "attacks": list(self.attack_names),
         "results": [],
     }
@@ -115,6 +130,7 @@ class RobustAccuracyResult:
     lines = [
         f"Robust accuracy ({self.norm}) on {self.num_examples} examples; "
         f"clean accuracy {100 * self.clean_accuracy:.2f}%",
+        *([f"Suite: {self.suite}"] if self.suite else []),
         "Columns: robust accuracy (%) after each attack in sequence.",
         header,
         "-" * len(header),
@@ -269,8 +285,8 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
                     verbose: bool = False,
                     mesh: Optional[Mesh] = None, data_axis: Any = "data",
                     eps_key_index: Optional[Sequence[int]] = None,
-                    compiler_options: Optional[Dict[str, Any]] = None
-                    ) -> RobustAccuracyResult:
+                    compiler_options: Optional[Dict[str, Any]] = None,
+                    suite: str = "") -> RobustAccuracyResult:
   """Clean and robust accuracy under a sequence of attacks, for several radii.
 
   Args:
@@ -307,6 +323,8 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     compiler_options: XLA compiler options for the attacks and predictions
       (e.g. {'xla_backend_optimization_level': 0} to compile faster when the
       programs run only briefly, as in tests).
+    suite: the name of the sequence, recorded in the result (e.g.
+      `AUTOATTACK_STANDARD` for `standard_attacks(norm)`); '' for none.
 
   Returns:
     A `RobustAccuracyResult`.
@@ -395,49 +413,100 @@ def robust_accuracy(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
   return RobustAccuracyResult(norm=norm, num_examples=num_examples,
                               clean_accuracy=clean_accuracy,
                               attack_names=tuple(n for n, _ in attacks),
-                              per_eps=tuple(per_eps), correct=correct)
+                              per_eps=tuple(per_eps), correct=correct, suite=str(suite))
 
 
 def standard_attacks(norm: str, *, num_classes: Optional[int] = None,
-                     num_steps: int = 100, num_restarts: int = 1,
-                     num_target_classes: int = 9,
-                     square_queries: int = 5000) -> List[Tuple[str, AttackFn]]:
-  """An AutoAttack-like default sequence for `robust_accuracy`.
+                     num_steps: int = 100, num_restarts: Optional[int] = None,
+                     num_target_classes: Optional[int] = None,
+                     square_queries: int = 5001, fab_t: bool = True
+                     ) -> List[Tuple[str, AttackFn]]:
+  """AutoAttack's standard version (Croce & Hein 2020) as a sequence for `robust_accuracy`.
 
-  APGD-CE, then APGD-T (targeted DLR over the top `num_target_classes`
-  classes), then Square with `square_queries` queries when the norm supports
-  it ('linf', 'l2') and square_queries > 0. FAB-T of the original AutoAttack is
-  not included. The radius is not part of the sequence: `robust_accuracy`
-  passes each eps of its `eps_list` to every attack.
+  With the defaults, the standard version of the reference code
+  (fra31/auto-attack, `version='standard'`), each attack run only on the
+  points every previous one failed on (label the result with
+  `AUTOATTACK_STANDARD`):
 
-  With fewer than 4 classes (when `num_classes` is given) APGD-T is replaced by
-  untargeted APGD-DLR (3 classes) or APGD with the CW margin (2 classes),
-  since targeted DLR needs 4 classes.
+  * 'linf', 'l2': APGD-CE (100 iterations, 1 restart), APGD-T (targeted
+    DLR, 9 target classes, 100 iterations, 1 restart), FAB-T (9 target
+    classes, 100 iterations, 1 restart, from x), Square (5,000 iterations
+    after its initial query, i.e. num_queries=5001, p_init 0.8, 1 restart,
+    the window schedule not rescaled to the budget: `resc_schedule=False`);
+    APGD starts from the reference's random start (`init='autoattack'`).
+  * 'l1': APGD-CE with L1-APGD (5 restarts, each the reference's three runs
+    at 3 eps, 2 eps, eps: `large_reps`), APGD-T (5 target classes, 1
+    restart, `large_reps`) and FAB-T in L1 (9 target classes). The
+    reference lists Square for L1 too; certjax's Square has no L1 version,
+    so the L1 sequence ends with FAB-T.
+
+  What differs when arguments change (the result is then no longer the
+  standard version; label it something else): `num_steps` sets the
+  iterations of APGD-CE, APGD-T and FAB-T; `num_restarts` the restarts of
+  APGD-CE, APGD-T and FAB-T (None: the standard 1, and 5 for APGD-CE in
+  L1); `num_target_classes` the targets of APGD-T and FAB-T (None: 9, and 5
+  for APGD-T in L1); `square_queries` Square's total budget, initial query
+  included (0 drops Square); `fab_t=False` drops FAB-T.
+
+  With fewer classes (when `num_classes` is given) the target classes are
+  capped at num_classes - 1 (the reference needs 10 classes for its 9
+  targets), and with fewer than 4 classes APGD-T is replaced by untargeted
+  APGD-DLR (3 classes) or APGD on the CW margin (2 classes), since targeted
+  DLR needs 4 classes. The radius is not part of the sequence:
+  `robust_accuracy` passes each eps of its `eps_list` to every attack.
 
   Args:
     norm: 'linf', 'l2' or 'l1'.
     num_classes: number of classes, if known.
-    num_steps: APGD iterations (100 in AutoAttack).
-    num_restarts: APGD restarts (1 in AutoAttack's standard version).
-    num_target_classes: APGD-T target classes (9 in AutoAttack).
-    square_queries: Square budget (5000 in AutoAttack); 0 drops Square.
+    num_steps: iterations of APGD-CE, APGD-T and FAB-T (100).
+    num_restarts: restarts of APGD-CE, APGD-T and FAB-T (None: standard).
+    num_target_classes: target classes of APGD-T and FAB-T (None: standard).
+    square_queries: Square's evaluations per example, initial one included
+      (5001: the reference's 5,000 iterations); 0 drops Square.
+    fab_t: include FAB-T.
+
+  Returns:
+    (name, attack_fn) pairs: 'apgd-ce', 'apgd-t', 'fab-t', 'square'.
+
+  References:
+    Croce, Hein. Reliable Evaluation of Adversarial Robustness with an
+      Ensemble of Diverse Parameter-free Attacks. ICML 2020.
+    Croce, Hein. Mind the Box: l1-APGD for Sparse Adversarial Attacks on
+      Image Classifiers. ICML 2021 (the L1 version).
   """
   check_choice(norm, "norm", norms.NORMS)
+  check_int_at_least(num_steps, "num_steps", 1)
   check_int_at_least(square_queries, "square_queries", 0)
-  sequence = [("apgd-ce", make_apgd(norm=norm, loss="ce", num_steps=num_steps,
-                                    num_restarts=num_restarts))]
+  if num_restarts is not None:
+    check_int_at_least(num_restarts, "num_restarts", 1)
+  if num_target_classes is not None:
+    check_int_at_least(num_target_classes, "num_target_classes", 1)
   if num_classes is not None:
     check_int_at_least(num_classes, "num_classes", 2)
+  l1 = norm == "l1"
+  apgd_restarts = num_restarts or (5 if l1 else 1)
+  other_restarts = num_restarts or 1
+  apgd_targets = num_target_classes or (5 if l1 else 9)
+  fab_targets = num_target_classes or 9
+  if num_classes is not None:
+    apgd_targets = min(apgd_targets, num_classes - 1)
+    fab_targets = min(fab_targets, num_classes - 1)
+  apgd_settings = dict(norm=norm, num_steps=num_steps, init="autoattack", large_reps=l1)
+  sequence = [("apgd-ce", make_apgd(loss="ce", num_restarts=apgd_restarts, **apgd_settings))]
   if num_classes is None or num_classes >= 4:
     sequence.append(("apgd-t", make_apgd_targeted(
-        norm=norm, num_steps=num_steps, num_target_classes=num_target_classes,
-        num_restarts=num_restarts)))
+        num_target_classes=apgd_targets, num_restarts=other_restarts, **apgd_settings)))
   elif num_classes == 3:
-    sequence.append(("apgd-dlr", make_apgd(norm=norm, loss="dlr", num_steps=num_steps,
-                                           num_restarts=num_restarts)))
+    sequence.append(("apgd-dlr", make_apgd(loss="dlr", num_restarts=other_restarts,
+                                           **apgd_settings)))
   else:
-    sequence.append(("apgd-cw", make_apgd(norm=norm, loss="cw", num_steps=num_steps,
-                                          num_restarts=num_restarts)))
+    sequence.append(("apgd-cw", make_apgd(loss="cw", num_restarts=other_restarts,
+                                          **apgd_settings)))
+  if fab_t:
+    sequence.append(("fab-t", make_fab_targeted(
+        norm=norm, num_steps=num_steps, num_target_classes=fab_targets,
+        num_restarts=other_restarts)))
   if square_queries > 0 and norm in SQUARE_NORMS:
-    sequence.append(("square", make_square(norm=norm, num_queries=square_queries)))
+    sequence.append(("square", make_square(norm=norm, num_queries=square_queries,
+                                           p_init=0.8, rescale_schedule=False)))
   return sequence

@@ -11,10 +11,16 @@ if it lowers the margin loss (or fools the model):
   channel added to the old content, rescaled so the total L2 norm stays eps;
   the start is a grid of `eta` patterns.
 
-The window side follows the schedule p: p_init, halved at 10, 50, 200, 500,
-1000, 2000, 4000, 6000 and 8000 iterations, with iteration counts rescaled to
-a budget of 10,000 queries (`resc_schedule` of the reference code); the side is
-round(sqrt(p * H * W)) (at least 1, and odd and at least 3 for 'l2').
+The window side follows the schedule p (`p_selection` of the reference code):
+p_init, halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and
+8000; the side is round(sqrt(p * H * W)) (at least 1, and odd and at least 3
+for 'l2'). With `rescale_schedule=True` (the default, the reference's
+`resc_schedule=True`) the iteration counts are first rescaled to a budget of
+10,000 iterations, int(i / n * 10000) with n = num_queries - 1 iterations
+(the reference's `n_queries`), so a short budget still walks the whole
+schedule; AutoAttack's standard version builds its Square attack with
+`resc_schedule=False`, the schedule of the paper, where a budget of 5,000
+iterations stops halfway through it.
 
 JAX specifics: windows are per example (the reference shares one window per
 batch); the window side is traced, with the 'l2' patterns for the (at most ten)
@@ -22,7 +28,8 @@ sides the schedule reaches precomputed in a table. The loop is a
 `lax.while_loop` that exits when every example is fooled or the budget is
 spent; an example stops querying (masked, shapes stay static) as soon as it is
 fooled. `num_queries` is the total budget per example, the initial query
-included: no example is ever evaluated more than `num_queries` times.
+included: no example is ever evaluated more than `num_queries` times, so
+num_queries = n + 1 runs the reference's `n_queries = n` iterations.
 
 References:
   Andriushchenko, Croce, Flammarion, Hein. Square Attack: a query-efficient
@@ -47,8 +54,46 @@ from certjax.attacks.core import AttackFn, as_oracle, bind_attack, validate_inpu
 
 SQUARE_NORMS = ("linf", "l2")
 SQUARE_LOSSES = ("margin", "ce")
-# Iteration counts (on a 10,000-query scale) after which p is halved.
+# Iteration counts (on a 10,000-iteration scale when rescaled) after which p
+# is halved.
 _P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def schedule_phase_starts(num_queries: int, rescale_schedule: bool) -> np.ndarray:
+  """First iteration of each halving of p (static; 0-based iterations).
+
+  Iteration i (the i-th proposal after the initial query) is in phase
+  sum(i >= starts) and uses p_init / 2**phase. The thresholds are computed
+  on the host with the reference's own float arithmetic, int(i / n * 10000)
+  for n = num_queries - 1 iterations, so the phases match its
+  `p_selection` exactly, rounding included.
+
+  Args:
+    num_queries: total evaluations per example, the initial one included.
+    rescale_schedule: rescale the iteration counts to 10,000 iterations.
+
+  Returns:
+    int32 array of len(_P_HALVINGS) first iterations (num_queries where a
+    phase is never reached).
+  """
+  iterations = max(int(num_queries) - 1, 1)
+  i = np.arange(max(int(num_queries), 1), dtype=np.int64)
+  scaled = (i / iterations * 10000).astype(np.int64) if rescale_schedule else i
+  starts = []
+  for halving in _P_HALVINGS:
+    later = np.nonzero(scaled > halving)[0]
+    starts.append(int(later[0]) if later.size else int(num_queries))
+  return np.asarray(starts, np.int32)
+
+
+def window_fraction(iteration: int, *, p_init: float, num_queries: int,
+                    rescale_schedule: bool = True) -> float:
+  """The fraction p of pixels in the window at a (0-based) iteration.
+
+  The schedule `square` follows (see the module docstring).
+  """
+  phase = int(np.sum(iteration >= schedule_phase_starts(num_queries, rescale_schedule)))
+  return float(p_init) / 2 ** phase
 
 
 class SquareInfo(NamedTuple):
@@ -134,11 +179,12 @@ def _channel_l2(v: Array) -> Array:
 
 def _square_core(oracle: Any, key: PRNGKey, x: Array, y: Array,
                  target: Optional[Array], eps: Array, *, norm: str,
-                 num_queries: int, p_init: float, loss: str) -> Tuple[Array, SquareInfo]:
+                 num_queries: int, p_init: float, loss: str,
+                 rescale_schedule: bool) -> Tuple[Array, SquareInfo]:
   batch, height, width, channels = x.shape
   radius = norms.broadcast_per_example(eps, x)
   sides = jnp.asarray(_side_lengths(p_init, height, width, norm))
-  halvings = jnp.asarray(_P_HALVINGS)
+  phase_starts = jnp.asarray(schedule_phase_starts(num_queries, rescale_schedule))
   objective_fn = losses_lib.cw_margin if loss == "margin" else losses_lib.cross_entropy
 
   def evaluate(k, x_eval):
@@ -206,8 +252,7 @@ def _square_core(oracle: Any, key: PRNGKey, x: Array, y: Array,
   def body(state):
     i, x_best, margin_best, objective_best, queries = state
     active = margin_best <= 0
-    scaled = (i * 10000) // num_queries
-    phase = jnp.sum(scaled > halvings)
+    phase = jnp.sum(i >= phase_starts)
     side = sides[phase]
     k = jax.random.fold_in(k_loop, i + 1)
     k_prop, k_eval = jax.random.split(k)
@@ -229,16 +274,20 @@ def _square_core(oracle: Any, key: PRNGKey, x: Array, y: Array,
   return x_best, SquareInfo(num_queries=queries, success=margin_best > 0)
 
 
-def _check_config(norm: str, num_queries: int, p_init: float, loss: str) -> None:
+def _check_config(norm: str, num_queries: int, p_init: float, loss: str,
+                  rescale_schedule: bool = True) -> None:
   check_choice(norm, "norm", SQUARE_NORMS)
   check_int_at_least(num_queries, "num_queries", 1)
   check_in_open_interval(p_init, "p_init", 0.0, 1.0)
   check_choice(loss, "loss", SQUARE_LOSSES)
+  if not isinstance(rescale_schedule, (bool, np.bool_)):
+    raise ValueError(f"rescale_schedule must be True or False; got {rescale_schedule!r}.")
 
 
 def square(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
            eps: ArrayLike, norm: str = "linf", num_queries: int = 5000,
            p_init: float = 0.8, loss: str = "margin",
+           rescale_schedule: bool = True,
            target: Optional[ArrayLike] = None,
            return_info: bool = False,
            checked: bool = False) -> Union[Array, Tuple[Array, SquareInfo]]:
@@ -264,6 +313,9 @@ def square(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
       'linf'; AutoAttack uses 0.8 for both norms).
     loss: 'margin' (CW margin) or 'ce' (cross-entropy) to drive the search;
       success is always judged by the margin.
+    rescale_schedule: rescale the window schedule to the query budget (the
+      reference's `resc_schedule`; True by default, False in AutoAttack's
+      standard version). See the module docstring.
     target: optional target labels for a targeted attack.
     return_info: also return `SquareInfo` (queries per example, success).
     checked: check traced values too, as `checkify` checks; the call must
@@ -277,20 +329,20 @@ def square(key: PRNGKey, logits_fn: Any, x: ArrayLike, y: ArrayLike, *,
     ValueError: on invalid input, naming the problem and the accepted values.
   """
   oracle = as_oracle(logits_fn)
-  _check_config(norm, num_queries, p_init, loss)
+  _check_config(norm, num_queries, p_init, loss, rescale_schedule)
   validate_inputs(oracle, x, y, eps=eps, norm=norm, target=target, name="square",
                   checked=checked)
   x, y = jnp.asarray(x), jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
   x_adv, info = _square_core(oracle, key, x, y, target, jnp.asarray(eps, x.dtype),
                              norm=norm, num_queries=num_queries, p_init=float(p_init),
-                             loss=loss)
+                             loss=loss, rescale_schedule=bool(rescale_schedule))
   return (x_adv, info) if return_info else x_adv
 
 
 def make_square(*, norm: str = "linf", num_queries: int = 5000, p_init: float = 0.8,
-                loss: str = "margin") -> AttackFn:
+                loss: str = "margin", rescale_schedule: bool = True) -> AttackFn:
   """`attack_fn(key, logits_fn, x, y, eps)` running `square`."""
-  _check_config(norm, num_queries, p_init, loss)
+  _check_config(norm, num_queries, p_init, loss, rescale_schedule)
   return bind_attack(square, "square", norm=norm, num_queries=num_queries,
-                     p_init=p_init, loss=loss)
+                     p_init=p_init, loss=loss, rescale_schedule=bool(rescale_schedule))

@@ -3,8 +3,12 @@
 Settings: the `attack` section of a config (`default_config`). The attacks of
 `attack.attacks` run in sequence for every radius of `attack.eps_list`, each
 only on the examples every previous attack failed on
-(`certjax.attacks.robust_accuracy`). Writes to its output directory
-(`<workdir>/attack/` for `launch.attack` / `launch.evaluate --evaluator=robust`):
+(`certjax.attacks.robust_accuracy`). `attack.suite='autoattack'` runs
+AutoAttack's standard version instead (`certjax.attacks.standard_attacks`:
+APGD-CE, APGD-T, FAB-T, Square with the reference's fixed settings), and the
+results name it ('autoattack-standard (Croce & Hein 2020)'). Writes to its
+output directory (`<workdir>/attack/` for `launch.attack` /
+`launch.evaluate --evaluator=robust`):
 
   results.json   the results, the attack settings, which checkpoint and which images;
   results.md     a readable table (robust accuracy in % after each attack, per eps);
@@ -41,8 +45,10 @@ from certjax import validation
 from certjax.attacks import norms
 from certjax.attacks.apgd import make_apgd, make_apgd_targeted
 from certjax.attacks.core import AttackFn
+from certjax.attacks.fab import make_fab_targeted
 from certjax.attacks.pgd import make_fgm, make_pgd
-from certjax.attacks.runner import EpsResult, RobustAccuracyResult, robust_accuracy, standard_attacks
+from certjax.attacks.runner import (AUTOATTACK_STANDARD, EpsResult, RobustAccuracyResult,
+                                    robust_accuracy, standard_attacks)
 from certjax.attacks.square import SQUARE_NORMS, make_square
 from certjax.evaluation import common
 from certjax.evaluation import plots
@@ -53,9 +59,16 @@ from certjax.runs import files
 NAME = "robust"
 SECTION = "attack"
 RESULTS_STEM = "results"
-# 'autoattack' is the standard sequence of `attacks.standard_attacks`
-# (APGD-CE, APGD-T, Square where the norm allows it).
-ATTACK_NAMES = ("fgsm", "pgd", "apgd_ce", "apgd_t", "square", "autoattack")
+# 'autoattack_custom' is AutoAttack's sequence (APGD-CE, APGD-T, FAB-T, Square
+# where the norm allows it) with this section's steps, restarts, targets and
+# queries: not the standard version, which is `suite='autoattack'`.
+ATTACK_NAMES = ("fgsm", "pgd", "apgd_ce", "apgd_t", "fab_t", "square", "autoattack_custom")
+# '' runs `attack.attacks`; 'autoattack' AutoAttack's standard version.
+SUITES = ("", "autoattack")
+SUITE_NAMES = {"": "", "autoattack": AUTOATTACK_STANDARD}
+# Settings a suite fixes, so the ones in the section are not used.
+SUITE_IGNORES = ("attacks", "num_steps", "step_size", "restarts", "num_target_classes",
+                 "square_queries")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -64,13 +77,20 @@ def default_config() -> ml_collections.ConfigDict:
   Fields:
     norm: 'linf', 'l2' or 'l1'.
     eps_list: radii in [0, 1] pixel units.
+    suite: '' (run `attacks`) or 'autoattack': AutoAttack's standard version
+      (Croce & Hein 2020; `certjax.attacks.standard_attacks`: APGD-CE, APGD-T,
+      FAB-T and, for 'linf' and 'l2', Square, with the reference's fixed
+      budgets), which ignores attacks, num_steps, step_size, restarts,
+      num_target_classes and square_queries; the results say so.
     attacks: names from ATTACK_NAMES, run in sequence (each only on the points
-      still robust after the previous ones).
-    num_steps: iterations of PGD and APGD.
+      still robust after the previous ones). 'autoattack_custom' is
+      AutoAttack's sequence with this section's num_steps, restarts,
+      num_target_classes and square_queries (not the standard version).
+    num_steps: iterations of PGD, APGD and FAB-T.
     step_size: PGD's absolute step size; 0 = 2.5 * eps / num_steps.
-    restarts: random restarts of PGD and APGD.
-    num_target_classes: target classes of APGD-T.
-    square_queries: query budget of Square.
+    restarts: random restarts of PGD, APGD and FAB-T.
+    num_target_classes: target classes of APGD-T and FAB-T.
+    square_queries: query budget of Square (evaluations per example).
     batch_size: examples per compiled attack call.
     split: split to attack; '' = config.data.eval_split.
     seed: seed of the attacks' randomness.
@@ -79,6 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "norm": "linf",
       "eps_list": (0.1, 0.2, 0.3),
+      "suite": "",
       "attacks": ("fgsm", "pgd"),
       "num_steps": 20,
       "step_size": 0.0,
@@ -98,11 +119,14 @@ def build_attacks(attack_config: Any, num_classes: int | None) -> List[Tuple[str
   `num_classes` None (unknown) skips the checks that depend on it.
 
   Raises:
-    ValueError: for an unknown attack name, a bad setting, or a sequence
-      naming the same attack twice (e.g. 'apgd_ce' with 'autoattack').
+    ValueError: for an unknown suite or attack name (the old name
+      'autoattack' says what replaced it), a bad setting, or a sequence
+      naming the same attack twice (e.g. 'apgd_ce' with 'autoattack_custom').
   """
   cfg = attack_config
   norm = validation.check_choice(cfg.norm, "attack.norm", norms.NORMS)
+  if validation.check_choice(suite_of(cfg), "attack.suite", SUITES) == "autoattack":
+    return standard_attacks(norm, num_classes=num_classes)
   names = cfg.attacks
   if isinstance(names, str) or not len(names):
     raise ValueError(f"attack.attacks must be a non-empty list of names from "
@@ -118,6 +142,13 @@ def build_attacks(attack_config: Any, num_classes: int | None) -> List[Tuple[str
   queries = validation.check_int_at_least(cfg.square_queries, "attack.square_queries", 1)
   sequence: List[Tuple[str, AttackFn]] = []
   for name in names:
+    if name == "autoattack":
+      raise ValueError(
+          "attack.attacks no longer accepts 'autoattack': for AutoAttack's standard "
+          "version (Croce & Hein 2020) set attack.suite='autoattack' (e.g. "
+          "--config.attack.suite=autoattack); for APGD-CE, APGD-T, FAB-T and Square "
+          "with this section's num_steps, restarts, num_target_classes and "
+          "square_queries, name 'autoattack_custom'.")
     validation.check_choice(name, "attack name in attack.attacks", ATTACK_NAMES)
     if name == "fgsm":
       sequence.append(("fgsm" if norm == "linf" else f"fgm-{norm}", make_fgm(norm=norm)))
@@ -133,6 +164,9 @@ def build_attacks(attack_config: Any, num_classes: int | None) -> List[Tuple[str
         raise ValueError(f"'apgd_t' needs at least 4 classes; the data has {num_classes}.")
       sequence.append(("apgd-t", make_apgd_targeted(
           norm=norm, num_steps=steps, num_target_classes=targets, num_restarts=restarts)))
+    elif name == "fab_t":
+      sequence.append(("fab-t", make_fab_targeted(
+          norm=norm, num_steps=steps, num_target_classes=targets, num_restarts=restarts)))
     elif name == "square":
       if norm not in SQUARE_NORMS:
         raise ValueError(f"'square' supports norms {SQUARE_NORMS}; attack.norm is {norm!r}.")
@@ -144,9 +178,23 @@ def build_attacks(attack_config: Any, num_classes: int | None) -> List[Tuple[str
   shown = [n for n, _ in sequence]
   repeated = sorted({n for n in shown if shown.count(n) > 1})
   if repeated:
-    raise ValueError(f"attack.attacks {tuple(names)} runs {repeated} twice ('autoattack' "
-                     "already holds apgd_ce, apgd_t and square).")
+    raise ValueError(f"attack.attacks {tuple(names)} runs {repeated} twice "
+                     "('autoattack_custom' already holds apgd_ce, apgd_t, fab_t and square).")
   return sequence
+
+
+def suite_of(settings: Any) -> str:
+  """`attack.suite` of a section ('' when the section predates the field)."""
+  return str(settings.get("suite", "") or "") if hasattr(settings, "get") else ""
+
+
+def suite_note(settings: Any) -> str:
+  """What a suite fixes, for the results ('' without a suite)."""
+  if not suite_of(settings):
+    return ""
+  return (f"attack.suite={suite_of(settings)!r}: {SUITE_NAMES[suite_of(settings)]}, with the "
+          "reference's fixed settings; attack." + ", attack.".join(SUITE_IGNORES)
+          + " are ignored.")
 
 
 def _eps_list(settings: Any) -> list[float]:
@@ -207,7 +255,7 @@ def merge_results(parts: Sequence[RobustAccuracyResult | None]) -> RobustAccurac
   return RobustAccuracyResult(norm=first.norm, num_examples=total,
                               clean_accuracy=float(np.mean(correct)),
                               attack_names=first.attack_names, per_eps=tuple(per_eps),
-                              correct=correct)
+                              correct=correct, suite=first.suite)
 
 
 def _gather_eps(part: RobustAccuracyResult | None, share: common.HostShare,
@@ -234,7 +282,7 @@ def _gather_eps(part: RobustAccuracyResult | None, share: common.HostShare,
 
 
 def _result_from_units(units: Sequence[dict], eps_values: Sequence[float], norm: str,
-                       attack_names: Sequence[str]) -> RobustAccuracyResult:
+                       attack_names: Sequence[str], suite: str = "") -> RobustAccuracyResult:
   correct = np.asarray(units[0]["correct"], bool)
   total = correct.size
   per_eps = []
@@ -248,10 +296,11 @@ def _result_from_units(units: Sequence[dict], eps_values: Sequence[float], norm:
   return RobustAccuracyResult(norm=norm, num_examples=total,
                               clean_accuracy=float(np.mean(correct)),
                               attack_names=tuple(attack_names), per_eps=tuple(per_eps),
-                              correct=correct)
+                              correct=correct, suite=suite)
 
 
-def format_markdown(result: RobustAccuracyResult, metadata: dict[str, Any]) -> str:
+def format_markdown(result: RobustAccuracyResult, metadata: dict[str, Any],
+                    note: str = "") -> str:
   """The Markdown file: a heading naming model, data and checkpoint, then the table."""
   return "\n".join([
       f"# Robust accuracy: {metadata.get('model')} on {metadata.get('dataset')} "
@@ -260,6 +309,7 @@ def format_markdown(result: RobustAccuracyResult, metadata: dict[str, Any]) -> s
       f"Checkpoint step {metadata.get('checkpoint_step')} in `{metadata.get('workdir')}`; "
       f"images skip={metadata.get('skip')}, max={metadata.get('max')}.",
       "",
+      *([f"Attacks: {result.suite}. {note}", ""] if result.suite else []),
       "```",
       result.table(),
       "```",
@@ -287,6 +337,8 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
   norm = str(settings.norm)
   batch_size = int(settings.batch_size)
   seed = int(settings.seed)
+  suite = SUITE_NAMES[suite_of(settings)]
+  note = suite_note(settings)
 
   def evaluate(ctx: EvalContext) -> EvalResult:
     mesh = common.local_mesh()
@@ -311,7 +363,8 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
         if share.indices.size:
           part = robust_accuracy(key, logits_fn, share.x, share.y, attacks=attacks,
                                  eps_list=[eps], norm=norm, batch_size=batch_size,
-                                 verbose=False, mesh=mesh, eps_key_index=[e_index])
+                                 verbose=False, mesh=mesh, eps_key_index=[e_index],
+                                 suite=suite)
         log.record(unit, _gather_eps(part, share, attack_names))
       units.append(log.completed[unit])
       done = (e_index + 1) * len(attacks)
@@ -320,11 +373,13 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
         after = units[-1]["after"]
         common.report(ctx, counter.line(done, rates, {
             f"eps {eps:g} robust %": 100.0 * after[-1] / max(share.count, 1)}))
-    result = _result_from_units(units, eps_values, norm, attack_names)
+    result = _result_from_units(units, eps_values, norm, attack_names, suite)
     metadata = common.metadata_block(ctx)
     payload = {**metadata, **result.to_dict(), "attack_config": attack_config}
+    if note:
+      payload["suite_note"] = note
     artifacts = common.write_results(
-        ctx.output_dir, RESULTS_STEM, payload, format_markdown(result, metadata),
+        ctx.output_dir, RESULTS_STEM, payload, format_markdown(result, metadata, note),
         figure=plots.robust_accuracy_figure(result, title=_title(metadata))
         if ctx.output_dir is not None else None)
     return EvalResult(NAME, metrics_of(result), artifacts, result.table(), result)

@@ -29,6 +29,8 @@ ROWS = [
     ("apgd", attacks.make_apgd, {"num_steps": 3}),
     ("apgd_t", attacks.make_apgd_targeted, {"num_steps": 3, "num_target_classes": 2}),
     ("square", attacks.make_square, {"num_queries": 6}),
+    ("fab_t", attacks.make_fab_targeted, {"num_steps": 3, "num_target_classes": 2}),
+    ("fab_l1", attacks.make_fab, {"norm": "l1", "num_steps": 2, "num_restarts": 2}),
 ]
 # A row drawing no random numbers whose eager call is cheap enough to be a
 # third reference (eager dispatch compiles every primitive on its own).

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from certjax import attacks
-from certjax.attacks.apgd import checkpoints
+from certjax.attacks.apgd import checkpoints, random_start
 from certjax.attacks import norms
 from certjax.attacks.pgd import schedule_multiplier
 from tests._subprocess import run_on_cpu_devices
@@ -333,7 +333,8 @@ def _apgd_linf_ce_reference(params, x, y, x0, eps, num_steps, rho=0.75):
   return np.where(expand(fooled), x_best_adv, x_best), restarts, fragile
 
 
-def test_apgd_matches_a_transcription_of_the_reference_loop():
+@pytest.mark.parametrize("init", ["uniform", "autoattack"])
+def test_apgd_matches_a_transcription_of_the_reference_loop(init):
   # A random tanh MLP with large weights, whose gradient signs change inside
   # the ball, so that the momentum, the step halving and the restarts all
   # change the result (each was checked by mutating it). Both sides run in
@@ -348,10 +349,12 @@ def test_apgd_matches_a_transcription_of_the_reference_loop():
     model = jax.tree_util.Partial(mlp_apply, jax.tree.map(jnp.asarray, params))
     y = np.asarray(jnp.argmax(model(x), -1))
     x_adv = np.asarray(fast_jit(lambda key, x, y: attacks.apgd(
-        key, model, x, y, eps=eps, num_steps=num_steps))(key, x, y))
-    # The random start certjax draws for restart 0 (see apgd_run).
+        key, model, x, y, eps=eps, num_steps=num_steps, init=init))(key, x, y))
+    # The random start certjax draws for restart 0 (see apgd_run); with
+    # init='autoattack' the reference's, x + eps u / max |u| (checked in
+    # test_autoattack.py).
     k_init, _ = jax.random.split(jax.random.fold_in(key, 0))
-    x0 = np.asarray(norms.random_init(k_init, x, eps, "linf"))
+    x0 = np.asarray(random_start(k_init, x, eps, "linf", init))
     fooled = np.asarray(jnp.argmax(model(x_adv), -1)) != y
   assert x_adv.dtype == np.float64
   expected, restarts, fragile = _apgd_linf_ce_reference(params, x, y, x0, eps, num_steps)

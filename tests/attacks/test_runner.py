@@ -106,11 +106,13 @@ def test_perturbation_check_catches_a_wrong_attack(trained_mlp, data):
 
 def test_standard_attacks_composition():
   names = lambda seq: [n for n, _ in seq]
-  assert names(attacks.standard_attacks("linf")) == ["apgd-ce", "apgd-t", "square"]
+  assert names(attacks.standard_attacks("linf")) == ["apgd-ce", "apgd-t", "fab-t", "square"]
   assert names(attacks.standard_attacks("l2", num_classes=3)) == ["apgd-ce", "apgd-dlr",
-                                                                  "square"]
-  assert names(attacks.standard_attacks("l1", num_classes=2)) == ["apgd-ce", "apgd-cw"]
-  assert names(attacks.standard_attacks("linf", square_queries=0)) == ["apgd-ce", "apgd-t"]
+                                                                  "fab-t", "square"]
+  assert names(attacks.standard_attacks("l1", num_classes=2)) == ["apgd-ce", "apgd-cw",
+                                                                  "fab-t"]
+  assert names(attacks.standard_attacks("linf", square_queries=0, fab_t=False)) == [
+      "apgd-ce", "apgd-t"]
   assert attacks.standard_attacks("l2")[1][1].config["num_target_classes"] == 9
 
 
@@ -125,7 +127,9 @@ def test_standard_attacks_end_to_end(trained_mlp, data):
   accs = [a for _, a in r.robust_accuracy_after]
   assert accs == sorted(accs, reverse=True)
   assert accs[-1] < result.clean_accuracy - 0.1
-  assert "apgd-t" in str(result)
+  assert "apgd-t" in str(result) and "fab-t" in str(result)
+  # Without a suite name the result says none.
+  assert result.suite == "" and result.to_dict()["suite"] == "" and "Suite:" not in str(result)
 
 
 def test_partial_models_pass_their_weights_as_data(trained_mlp):

@@ -25,7 +25,7 @@ def model(x):
 
 
 GRADIENT_ATTACKS = [attacks.fgm, attacks.pgd, attacks.mi_fgsm, attacks.apgd,
-                    attacks.apgd_targeted, attacks.square]
+                    attacks.apgd_targeted, attacks.square, attacks.fab, attacks.fab_targeted]
 
 
 @pytest.mark.parametrize("attack", GRADIENT_ATTACKS, ids=lambda a: a.__name__)
@@ -161,6 +161,7 @@ CHECKED_ROWS = [
     ("apgd", attacks.apgd, {"num_steps": 2}),
     ("apgd_targeted", attacks.apgd_targeted, {"num_steps": 2, "num_target_classes": 2}),
     ("square", attacks.square, {"num_queries": 3}),
+    ("fab_targeted", attacks.fab_targeted, {"num_steps": 2, "num_target_classes": 2}),
 ]
 
 
