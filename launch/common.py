@@ -212,14 +212,16 @@ def quiet_library_logs() -> None:
   environment.quiet_library_logs()
 
 
-def define_config_and_workdir(config_help: str, workdir_help: str) -> None:
+def define_config_and_workdir(config_help: str, workdir_help: str, *,
+                              required: bool = True) -> None:
   """The two flags every launcher takes: --config (locked) and --workdir.
 
   A mistyped override key (`--config.optimizer.learnig_rate=...`) or a
   missing config file stops the program while flags are parsed, with one
   line naming the accepted keys (`CheckedConfigParser`). The flags, and
   --traceback, are key flags of the calling launcher, so its `--help` lists
-  them.
+  them. `required=False` for launchers with commands that need neither
+  (`launch.sign keygen`).
   """
   holder = config_flags.DEFINE_config_file(
       "config", None,
@@ -230,7 +232,8 @@ def define_config_and_workdir(config_help: str, workdir_help: str) -> None:
   flag = flags.FLAGS[holder.name]
   flag.parser = CheckedConfigParser(flag.parser, holder.name)
   flags.DEFINE_string("workdir", None, workdir_help)
-  flags.mark_flags_as_required(["config", "workdir"])
+  if required:
+    flags.mark_flags_as_required(["config", "workdir"])
   for name in ("config", "workdir", "traceback"):
     flags.declare_key_flag(name)
 

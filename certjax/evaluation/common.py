@@ -16,6 +16,11 @@ One way for each, used by every evaluator:
     atomically (process 0 only), so a reader never sees half a file and an
     interrupted run never destroys the previous one.
   * Progress: `progress(...)` lines with rate and ETA (`certjax.runs.Progress`).
+  * Provenance: `metadata_block` gives every result file a `provenance` block
+    (config hash, checkpoint verification, package versions, git commit,
+    devices, and the sha256 of the images and labels evaluated, from the
+    per-example digests each host took of what it loaded; see
+    `certjax.runs.provenance`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import io
 import json
 import os
 import platform
+import weakref
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -35,7 +41,14 @@ from certjax import parallel
 from certjax import validation
 from certjax.evaluation.registry import EvalContext, EvalData
 from certjax.runs import files
+from certjax.runs import provenance
 from certjax.runs.progress import Progress
+
+# Examples per host that `data_provenance` reads again to hash when the
+# evaluator did not load them through `HostShare` (e.g. the certified
+# evaluator, which loads in groups, or images a resumed run skipped). Beyond
+# it the hash covers what was loaded and says how much that was.
+MAX_REREAD_EXAMPLES = 20_000
 
 
 def check_selection_settings(settings: Any, section: str) -> None:
@@ -82,8 +95,80 @@ class HostShare:
     self.indices = np.asarray(selected[share], np.int64)
     if self.indices.size:
       self.x, self.y = data.load(self.indices)
+      # Hashed now, from the arrays the evaluator computes on: the result
+      # file's data hash names what was evaluated, not a second read.
+      _remember_digests(data, self.indices, self.x, self.y, _LOADED_BY_EVALUATOR)
     else:
       self.x, self.y = None, np.zeros(0, np.int32)
+
+
+# Per EvalData object (by identity; dropped with it): dataset index ->
+# (per-example sha256, how it was obtained).
+_DIGESTS: dict[int, tuple[Any, dict[int, tuple[bytes, int]]]] = {}
+_LOADED_BY_EVALUATOR, _REREAD = 1, 2
+
+
+def _digest_table(data: EvalData) -> dict[int, tuple[bytes, int]]:
+  key = id(data)
+  entry = _DIGESTS.get(key)
+  if entry is None or entry[0]() is not data:
+    table: dict[int, tuple[bytes, int]] = {}
+    _DIGESTS[key] = (weakref.ref(data, lambda _, key=key: _DIGESTS.pop(key, None)), table)
+    return table
+  return entry[1]
+
+
+def _remember_digests(data: EvalData, indices: np.ndarray, x: Any, y: Any, how: int) -> None:
+  table = _digest_table(data)
+  for index, digest in zip(np.asarray(indices).tolist(), provenance.example_digests(x, y)):
+    table[int(index)] = (digest.tobytes(), how)
+
+
+def data_provenance(data: EvalData) -> dict[str, Any]:
+  """The data part of a result's provenance: name, split, and the sha256 of what was evaluated.
+
+  A collective: every process calls it (as every process calls
+  `metadata_block`). Each host contributes the per-example digests of its
+  share (`parallel.host_share`): those `HostShare` took when it loaded them,
+  else read again and hashed here (at most `MAX_REREAD_EXAMPLES` per host);
+  the digests are gathered and hashed in selection order
+  (`provenance.combine_digests`), so the hash is the same on any number of
+  hosts and equals `provenance.examples_sha256(images, labels)` of the
+  selection.
+  """
+  indices = np.asarray(data.indices, np.int64)
+  count = int(indices.size)
+  record = {"name": data.name, "split": data.split, "num_examples": count,
+            "examples_hashed": 0, "examples_reread": 0, "sha256": None,
+            "method": provenance.EVAL_DATA_METHOD}
+  if count == 0:
+    return record
+  share, size = parallel.host_share(count)
+  mine = indices[share]
+  table = _digest_table(data)
+  missing = np.asarray([i for i in mine.tolist() if i not in table], np.int64)
+  if 0 < missing.size <= MAX_REREAD_EXAMPLES:
+    for first in range(0, missing.size, 1024):  # bounded memory for large images
+      part = missing[first:first + 1024]
+      x, y = data.load(part)
+      _remember_digests(data, part, x, y, _REREAD)
+  local = np.zeros((mine.size, 32), np.uint8)
+  how = np.zeros(mine.size, np.uint8)
+  for row, index in enumerate(mine.tolist()):
+    if index in table:
+      digest, how[row] = table[index]
+      local[row] = np.frombuffer(digest, np.uint8)
+  digests, how = gather_shares((local, how), size, count)
+  covered = how > 0
+  record.update({"examples_hashed": int(covered.sum()),
+                 "examples_reread": int(np.sum(how == _REREAD)),
+                 "sha256": provenance.combine_digests(digests[covered]) if covered.any()
+                 else None})
+  if not covered.all():
+    record["note"] = (f"{count - int(covered.sum())} examples were not loaded by the evaluator "
+                      f"and not read again (more than {MAX_REREAD_EXAMPLES} per host): the "
+                      "hash covers the others.")
+  return record
 
 
 def gather_shares(local: Any, size: int, count: int) -> Any:
@@ -227,12 +312,23 @@ def report(ctx: EvalContext, line: str) -> None:
 
 
 def metadata_block(ctx: EvalContext, **extra: Any) -> dict[str, Any]:
-  """The run's identification for result files: metadata, step, data, environment."""
-  return {**dict(ctx.metadata), "checkpoint_step": int(ctx.step), "dataset": ctx.data.name,
+  """The run's identification for result files: metadata, step, data, environment, provenance.
+
+  `provenance` joins what the caller knew of the run (`ctx.metadata['provenance']`,
+  from `evaluation.workdir.run_metadata`: config hash, checkpoint verification)
+  with the code (package versions, git commit), the devices and the data
+  evaluated (`data_provenance`). A collective: call it on every process.
+  """
+  metadata = dict(ctx.metadata)
+  run = dict(metadata.pop("provenance", None) or {})
+  return {**metadata, "checkpoint_step": int(ctx.step), "dataset": ctx.data.name,
           "split": ctx.data.split, "num_examples": int(len(ctx.data.indices)),
           "first_index": int(ctx.data.indices[0]) if len(ctx.data.indices) else None,
           "last_index": int(ctx.data.indices[-1]) if len(ctx.data.indices) else None,
-          **extra, "environment": environment()}
+          **extra, "environment": environment(),
+          "provenance": {**run, **provenance.code_block(),
+                         "environment": provenance.environment(),
+                         "data": data_provenance(ctx.data)}}
 
 
 def batches(count: int, batch_size: int) -> Iterable[slice]:

@@ -10,6 +10,12 @@ two and the other way round), selects the images as Cohen et al.'s
 certify.py does (every `config.skip`-th image of the split, below index
 `config.max`; -1 = all) and runs the evaluator, which writes its files under
 `<workdir>/<results_dir>/` (`attack/`, `verify/`, `certify/`).
+
+The checkpoint is verified against its signature as it is restored
+(`config.signing`, the environment and the trust store decide which keys are
+trusted and whether a signature is required; `certjax.runs.signing`), and
+what that found goes into every result file's `provenance` block with the
+config's hash (`run_metadata`).
 """
 
 from __future__ import annotations
@@ -22,13 +28,28 @@ from absl import logging
 
 from certjax import data as data_lib
 from certjax import runs
+from certjax.runs import provenance
 from certjax.evaluation import registry
 from certjax.evaluation.registry import EvalContext, EvalData, EvalResult
 
 
-def run_metadata(config: Any, workdir: str | None) -> dict[str, Any]:
-  """The names result files carry: workdir, model, data, objective, selection."""
+def run_metadata(config: Any, workdir: str | None,
+                 checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The names result files carry: workdir, model, data, objective, selection, provenance.
+
+  Args:
+    config: the run's config.
+    workdir: the workdir, or None.
+    checkpoint: the restored checkpoint's verification record
+      (`runs.TrainedModel.checkpoint`); None for parameters that were not
+      read from a checkpoint (evaluations inside the training loop).
+
+  `provenance` holds the config's sha256 (`provenance.config_sha256`), the
+  sha256 of the workdir's config.json (the training config) and the
+  checkpoint record; `common.metadata_block` adds code, devices and data.
+  """
   objective = config.get("objective") if hasattr(config, "get") else None
+  config_json = None if workdir is None else os.path.join(workdir, runs.CONFIG_FILE)
   return {
       "workdir": None if workdir is None else os.path.abspath(workdir),
       "model": config.model.name,
@@ -36,6 +57,12 @@ def run_metadata(config: Any, workdir: str | None) -> dict[str, Any]:
       "objective": None if objective is None else objective.get("name"),
       "skip": int(config.get("skip", 1)),
       "max": int(config.get("max", -1)),
+      "provenance": {
+          "config_sha256": provenance.config_sha256(config),
+          "workdir_config_sha256": None if config_json is None
+          else provenance.file_sha256(config_json),
+          "checkpoint": None if checkpoint is None else dict(checkpoint),
+      },
   }
 
 
@@ -58,6 +85,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, evaluator:
     ValueError: a bad setting, an empty selection or a checkpoint that does not
       fit the config's model.
     FileNotFoundError: no checkpoint in the workdir.
+    runs.CheckpointVerificationError: the checkpoint fails verification
+      (tampered, signed by an untrusted key, or unsigned where required).
   """
   spec = registry.get_spec(evaluator)
   if spec.section not in config:
@@ -84,6 +113,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, evaluator:
                split, step)
   ctx = EvalContext(apply_fn=trained.model.apply, variables=trained.variables, data=data,
                     num_classes=info.num_classes, step=step, output_dir=output_dir,
-                    metadata=run_metadata(config, workdir), float32_apply_fn=float32_apply_fn,
+                    metadata=run_metadata(config, workdir, trained.checkpoint),
+                    float32_apply_fn=float32_apply_fn,
                     verbose=verbose)
   return evaluate(ctx)

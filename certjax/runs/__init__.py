@@ -1,7 +1,12 @@
 """Workdirs and processes of certjax runs: below both training and evaluation.
 
   checkpoints: config.json, orbax checkpoints, `restore_model(workdir)` onto
-    the current mesh, `build_model(config, info)`, `resolve_step`.
+    the current mesh, `build_model(config, info)`, `resolve_step`; every
+    restore verifies the checkpoint first.
+  signing: signed checkpoints (a manifest of file hashes signed with an EC
+    key through sigstore's model-signing), keys, trust store, policy.
+  provenance: config hash, package versions, git commit, data hashes,
+    devices; `<workdir>/provenance.json`.
   files: atomic JSON/text writes and JSON-lines logs, with their readers.
   progress: progress lines with rate and ETA.
   environment: the persistent compilation cache and quiet library logs.
@@ -12,6 +17,7 @@ models from workdirs. Both import this package, and it imports neither.
 
 from certjax.runs.checkpoints import CHECKPOINT_DIR
 from certjax.runs.checkpoints import CONFIG_FILE
+from certjax.runs.checkpoints import Resumed
 from certjax.runs.checkpoints import TrainedModel
 from certjax.runs.checkpoints import build_model
 from certjax.runs.checkpoints import checkpoint_steps
@@ -23,6 +29,12 @@ from certjax.runs.checkpoints import resolve_step
 from certjax.runs.checkpoints import restore_latest
 from certjax.runs.checkpoints import restore_model
 from certjax.runs.checkpoints import restore_variables
+from certjax.runs.checkpoints import resume
+from certjax.runs.checkpoints import save_checkpoint
+from certjax.runs.checkpoints import sign_step
+from certjax.runs.checkpoints import step_directory
+from certjax.runs.checkpoints import verify_checkpoint
+from certjax.runs.checkpoints import verify_step
 from certjax.runs.checkpoints import write_config
 from certjax.runs.environment import enable_compilation_cache
 from certjax.runs.environment import quiet_library_logs
@@ -33,11 +45,16 @@ from certjax.runs.files import atomic_write_text
 from certjax.runs.files import read_json
 from certjax.runs.files import read_jsonl
 from certjax.runs.progress import Progress
+from certjax.runs.signing import CheckpointVerificationError
+from certjax.runs.signing import SigningPolicy
+from certjax.runs.signing import policy_from_config
 
 __all__ = [
-    "CHECKPOINT_DIR", "CONFIG_FILE", "Progress", "TrainedModel", "append_jsonl",
-    "atomic_write_json", "atomic_write_text", "build_model", "checkpoint_steps",
-    "config_to_dict", "enable_compilation_cache", "load_trained", "make_manager",
-    "quiet_library_logs", "read_config", "read_json", "read_jsonl", "resolve_step",
-    "restore_latest", "restore_model", "restore_variables", "subprocess_env", "write_config",
+    "CHECKPOINT_DIR", "CONFIG_FILE", "CheckpointVerificationError", "Progress", "Resumed",
+    "SigningPolicy", "TrainedModel", "append_jsonl", "atomic_write_json", "atomic_write_text",
+    "build_model", "checkpoint_steps", "config_to_dict", "enable_compilation_cache",
+    "load_trained", "make_manager", "policy_from_config", "quiet_library_logs", "read_config",
+    "read_json", "read_jsonl", "resolve_step", "restore_latest", "restore_model",
+    "restore_variables", "resume", "save_checkpoint", "sign_step", "step_directory",
+    "subprocess_env", "verify_checkpoint", "verify_step", "write_config",
 ]

@@ -9,7 +9,9 @@ Layout of a workdir:
                        kept as config.<n>.json)
   checkpoints/<step>/  orbax checkpoints of the `TrainState` pytree (written
                        atomically: a run killed while saving leaves only a
-                       temporary directory, which is ignored)
+                       temporary directory, which is ignored), each with
+                       `certjax.sig` when the run had a signing key
+  provenance.json      who trained it with what (`certjax.runs.provenance`)
   metrics.jsonl        one JSON object per logged step and split
   tensorboard/         TensorBoard event files
 
@@ -19,6 +21,12 @@ processes), so a workdir trained by one process is evaluated by two and the
 other way round. Only the model's variables are read (an orbax partial
 restore), so an evaluation config may differ from the training one in the
 optimizer, and the optimizer state never costs memory at evaluation.
+
+Every restore (training resume, `restore_model`, `restore_variables`) first
+verifies the step directory against its signature (`certjax.runs.signing`):
+a tampered, untrusted, or (where required) unsigned checkpoint stops with one
+`CheckpointVerificationError` naming the file. Nothing is unpickled: orbax
+reads arrays through tensorstore and metadata as JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from certjax import data as data_lib
 from certjax import models as models_lib
 from certjax import parallel
 from certjax.runs import files
+from certjax.runs import signing
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -61,12 +70,82 @@ def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(checkpoint_directory(workdir), options=options)
 
 
+def step_directory(workdir: str, step: int) -> str:
+  """`<workdir>/checkpoints/<step>`: what orbax writes and the signature covers."""
+  return os.path.join(checkpoint_directory(workdir), str(int(step)))
+
+
+def _label(directory: str, step: int) -> str:
+  return f"checkpoint step {int(step)} in {directory}"
+
+
+def verify_step(directory: str, step: int, policy: signing.SigningPolicy | None = None
+                ) -> dict[str, Any]:
+  """Verifies checkpoint `step` of the checkpoint directory `directory` (see `signing`).
+
+  Args:
+    directory: the checkpoints directory (`<workdir>/checkpoints`).
+    step: the step.
+    policy: trusted keys and `require`; default: the environment and the
+      trust store (`signing.policy_from_config(None)`).
+
+  Returns:
+    The record result files and provenance keep (step, signed, verified,
+    key_fingerprint, sha256 of the contents, files).
+
+  Raises:
+    signing.CheckpointVerificationError: naming the step, the directory and the file.
+  """
+  policy = signing.policy_from_config(None) if policy is None else policy
+  directory = os.path.abspath(os.fspath(directory))
+  record = signing.verify_directory(os.path.join(directory, str(int(step))), policy,
+                                    expected_name=str(int(step)),
+                                    label=_label(directory, step))
+  if not record["signed"]:
+    logging.info("%s is not signed; restoring it unverified (signing.require or $%s=1 refuses "
+                 "unsigned checkpoints).", _label(directory, step), signing.ENV_REQUIRE)
+  return {"step": int(step), **record}
+
+
+def verify_checkpoint(workdir: str, step: int, policy: signing.SigningPolicy | None = None
+                      ) -> dict[str, Any]:
+  """`verify_step` for checkpoint `step` of `workdir`."""
+  return verify_step(checkpoint_directory(workdir), step, policy)
+
+
+def sign_step(directory: str, step: int, policy: signing.SigningPolicy) -> dict[str, Any] | None:
+  """Signs checkpoint `step` of the checkpoint directory `directory`, on process 0 only.
+
+  Call it after orbax has finished the step (saving is synchronous in
+  `make_manager`). The other processes return None at once: one writer, no
+  race; they never read the signature before a later restore.
+  """
+  if jax.process_index() != 0:
+    return None
+  return {"step": int(step), **signing.sign_directory(
+      os.path.join(os.fspath(directory), str(int(step))), policy)}
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
+                    policy: signing.SigningPolicy) -> dict[str, Any] | None:
+  """Saves `state` as checkpoint `step`, then signs it when `policy` has a key.
+
+  Returns:
+    The signature record on process 0 of a signed save, else None.
+  """
+  manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()  # a no-op for synchronous managers; signing needs the files
+  if not policy.key:
+    return None
+  return sign_step(manager.directory, step, policy)
+
+
 def _item_directory(workdir: str, step: int) -> str:
   """The directory of the saved TrainState of checkpoint `step`.
 
   A CheckpointManager with one item stores it in `<step>/default`.
   """
-  step_dir = os.path.join(checkpoint_directory(workdir), str(int(step)))
+  step_dir = step_directory(workdir, step)
   item = os.path.join(step_dir, "default")
   return item if os.path.isdir(item) else step_dir
 
@@ -103,13 +182,37 @@ def resolve_step(workdir: str, step: int | None = None) -> int:
   return int(step)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
-  """Restores the newest checkpoint into the structure of `abstract_state`.
+class Resumed(NamedTuple):
+  """What `resume` found: the restored state (None: nothing to resume) and its verification."""
+  state: Any
+  checkpoint: dict[str, Any] | None
+
+
+def resume(manager: ocp.CheckpointManager, abstract_state: Any,
+           policy: signing.SigningPolicy | None = None) -> Resumed:
+  """Verifies the newest checkpoint (`verify_step`), then restores it like `restore_latest`."""
+  step = manager.latest_step()
+  if step is None:
+    return Resumed(None, None)
+  record = verify_step(manager.directory, step, policy)
+  return Resumed(restore_latest(manager, abstract_state, _verified=True), record)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   policy: signing.SigningPolicy | None = None, *,
+                   _verified: bool = False) -> Any | None:
+  """Restores the newest checkpoint into the structure of `abstract_state`, verified first.
+
+  Args:
+    manager: the workdir's CheckpointManager.
+    abstract_state: the structure to restore into.
+    policy: see `verify_step`.
 
   Returns:
     The restored state, or None when the directory holds no checkpoint.
 
   Raises:
+    signing.CheckpointVerificationError: the checkpoint fails verification.
     ValueError: if the checkpoint does not match the state this config builds
       (a different model, optimizer or objective in the same workdir). The
       checkpoint is left untouched.
@@ -117,6 +220,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any |
   step = manager.latest_step()
   if step is None:
     return None
+  if not _verified:
+    verify_step(manager.directory, step, policy)
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # orbax raises several types for structure mismatches.
@@ -192,25 +297,35 @@ class TrainedModel(NamedTuple):
     config: the config the model was built from.
     info: the data set's `DatasetInfo`.
     step: the checkpoint step restored.
+    checkpoint: how it was verified (`verify_step`'s record), for provenance.
   """
   model: Any
   variables: Any
   config: ml_collections.ConfigDict
   info: data_lib.DatasetInfo
   step: int
+  checkpoint: dict[str, Any] | None = None
 
   def logits_fn(self):
     """The pure `logits_fn` of the restored model (see `models.make_logits_fn`)."""
     return models_lib.make_logits_fn(self.model, self.variables)
 
 
-def restore_variables(workdir: str, step: int, mesh: Mesh | None = None) -> dict[str, Any]:
-  """The model variables of checkpoint `step`, replicated on `mesh`.
+def restore_variables(workdir: str, step: int, mesh: Mesh | None = None,
+                      policy: signing.SigningPolicy | None = None, *,
+                      _verified: bool = False) -> dict[str, Any]:
+  """The model variables of checkpoint `step`, replicated on `mesh`, verified first.
 
   Reads only the parameters and model state of the saved `TrainState`, laid
   out against an abstract target on `mesh` (default: every device of every
-  process), whatever the topology that wrote them.
+  process), whatever the topology that wrote them. Every process verifies
+  the step directory it reads (`verify_step`, with `policy`).
+
+  Raises:
+    signing.CheckpointVerificationError: the checkpoint fails verification.
   """
+  if not _verified:
+    verify_checkpoint(workdir, step, policy)
   mesh = parallel.make_mesh() if mesh is None else mesh
   directory = _item_directory(workdir, step)
   # PyTreeCheckpointer reads what StandardSave wrote and, unlike the standard
@@ -235,7 +350,8 @@ def restore_variables(workdir: str, step: int, mesh: Mesh | None = None) -> dict
 
 def restore_model(workdir: str, step: int | None = None,
                   config: ml_collections.ConfigDict | None = None, *,
-                  mesh: Mesh | None = None, compute_dtype: str | None = None) -> TrainedModel:
+                  mesh: Mesh | None = None, compute_dtype: str | None = None,
+                  policy: signing.SigningPolicy | None = None) -> TrainedModel:
   """Restores a trained model from a workdir written by `train_and_evaluate`.
 
   Args:
@@ -245,6 +361,9 @@ def restore_model(workdir: str, step: int | None = None,
       --config with evaluation overrides); the workdir's config.json if None.
     mesh: where to place the variables (replicated); default all devices.
     compute_dtype: overrides the config's (bounds are computed in float32).
+    policy: how the checkpoint is verified; default: `config.signing` of the
+      config given here, the environment and the trust store. A config read
+      from the workdir itself contributes no trust (`signing` module docstring).
 
   Returns:
     A `TrainedModel`; `.logits_fn()` is the pure logits function attacks,
@@ -252,18 +371,22 @@ def restore_model(workdir: str, step: int | None = None,
 
   Raises:
     FileNotFoundError: no checkpoint (or no config.json when config is None).
+    signing.CheckpointVerificationError: the checkpoint fails verification.
     ValueError: no checkpoint at `step`, or variables that do not fit the
       model the config builds.
   """
+  if policy is None:
+    policy = signing.policy_from_config(config)
   if config is None:
     config = read_config(workdir)
   step = resolve_step(workdir, step)
+  record = verify_checkpoint(workdir, step, policy)
   info = data_lib.get_info(config.data)
   model = build_model(config, info, compute_dtype=compute_dtype)
   abstract = jax.eval_shape(
       lambda key: models_lib.init_variables(model, key, (1, *info.image_shape)),
       jax.random.key(0))
-  variables = restore_variables(workdir, step, mesh)
+  variables = restore_variables(workdir, step, mesh, _verified=True)
   expected = jax.tree.map(lambda a: tuple(a.shape), dict(abstract))
   found = jax.tree.map(lambda a: tuple(a.shape), variables)
   if expected != found:
@@ -271,7 +394,7 @@ def restore_model(workdir: str, step: int | None = None,
         f"The checkpoint at step {step} in {checkpoint_directory(workdir)} holds variables "
         f"that do not fit model {config.model.name!r} built from this config (different "
         "model or model.kwargs?).")
-  return TrainedModel(model, variables, config, info, step)
+  return TrainedModel(model, variables, config, info, step, record)
 
 
 def load_trained(workdir: str, step: int | None = None,

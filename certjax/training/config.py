@@ -21,6 +21,12 @@ Sections:
     `config.evals.pgd = dict(type='robust', every_steps=500, eps_list=(0.1,),
     attacks=('pgd',), num_steps=10)`. Results are logged with the training
     metrics (split `evals/<name>`) and written to `<workdir>/evals/<name>/<step>/`.
+  signing: the key that signs checkpoints, the public keys trusted when
+    restoring them, and whether a signature is required
+    (`certjax.runs.signing`; environment variables CERTJAX_SIGNING_KEY,
+    CERTJAX_TRUSTED_KEYS, CERTJAX_REQUIRE_SIGNED do the same for CI);
+  provenance: how much of the training split `<workdir>/provenance.json`
+    hashes (`certjax.runs.provenance`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from certjax import data as data_lib
 from certjax import evaluation
 from certjax import validation
 from certjax.models import layers as models_layers
+from certjax.runs import provenance as provenance_lib
+from certjax.runs import signing as signing_lib
 from certjax.runs.checkpoints import COMPUTE_DTYPES
 from certjax.training import objectives, optim
 
@@ -74,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
     spec = evaluation.get_spec(name)
     c[spec.section] = spec.default_config()
   c.evals = ml_collections.ConfigDict()
+  c.signing = signing_lib.default_config()
+  # Examples of the training split hashed into provenance.json, evenly spaced
+  # when the split is larger (-1: all; 0: none). Decoding dominates the cost.
+  c.provenance = ml_collections.ConfigDict(
+      {"hash_train_examples": provenance_lib.DEFAULT_HASH_TRAIN_EXAMPLES})
   return c
 
 
@@ -162,6 +175,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     spec = evaluation.get_spec(name)
     evaluation.validate_settings(name, config[spec.section], run_config=config)
   validate_evals(config)
+  signing_lib.validate_config(config.signing)
+  validation.check_int_at_least(config.provenance.hash_train_examples,
+                                "provenance.hash_train_examples", -1)
 
 
 SMOKE = "smoke"

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from certjax import data as data_lib
@@ -38,6 +37,8 @@ from certjax import models as models_lib
 from certjax import parallel
 from certjax import runs
 from certjax.runs import checkpoints as ckpt_lib
+from certjax.runs import provenance as provenance_lib
+from certjax.runs import signing as signing_lib
 from certjax.training import config as config_lib
 from certjax.training import metrics as metrics_lib
 from certjax.training import objectives as objectives_lib
@@ -254,14 +255,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = jax.jit(functools.partial(create_train_state, config, model, tx, info),
                   out_shardings=parallel.replicated(mesh))(init_key)
 
+  # The signing key and the trusted keys (config.signing, the environment,
+  # the trust store): a bad key file stops the run before anything is written.
+  signer = signing_lib.policy_from_config(config, sign=True)
+  if signer.require and not signer.key:
+    raise ValueError(
+        "signing.require (or $CERTJAX_REQUIRE_SIGNED) is set but there is no signing key: "
+        "this run's checkpoints could not be restored. Set signing.key or "
+        "$CERTJAX_SIGNING_KEY (python -m launch.sign keygen makes a key).")
+  if not signer.key:
+    logging.info("Checkpoints of this run are written unsigned (no signing.key or "
+                 "$CERTJAX_SIGNING_KEY; python -m launch.sign keygen makes a key).")
   ckpt_lib.write_config(workdir, config)
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  restored = ckpt_lib.restore_latest(manager, state)
-  if restored is not None:
-    state = parallel.replicate(restored, mesh)
+  # The newest checkpoint is verified against its signature before it is read.
+  resumed = ckpt_lib.resume(manager, state, signer)
+  if resumed.state is not None:
+    state = parallel.replicate(resumed.state, mesh)
     logging.info("Resumed from checkpoint at step %d in %s", int(state.step),
                  manager.directory)
   start_step = int(state.step)
+  if jax.process_index() == 0:
+    provenance_lib.append_training_entry(workdir, provenance_lib.training_entry(
+        config, workdir, start_step=start_step, total_steps=total_steps,
+        resumed_from=resumed.checkpoint, signing=signer.describe(),
+        hash_train_examples=config.provenance.hash_train_examples))
+  signed: dict[int, str] = {}  # step -> sha256 of the signed contents, for provenance.json
 
   train_step = make_train_step(loss_fn, tx, mesh)
   eval_step = make_eval_step(model, mesh)
@@ -279,7 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           f"Parameters contain NaN/Inf at step {step}; not writing a checkpoint, the "
           "existing ones are kept. Lower optimizer.learning_rate or set "
           "optimizer.grad_clip_norm.")
-    manager.save(step, args=ocp.args.StandardSave(state))
+    record = ckpt_lib.save_checkpoint(manager, step, state, signer)  # signed on process 0
+    if record is not None:
+      signed[step] = record["sha256"]
 
   history = []
   eval_metrics: dict[str, float] = {}
@@ -319,6 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if manager.latest_step() != total_steps:
     save(state, total_steps)
   manager.wait_until_finished()
+  if jax.process_index() == 0:
+    provenance_lib.finish_training_entry(workdir, end_step=total_steps, checkpoints=signed)
   eval_metrics = evaluate(eval_step, state.variables, config, mesh)
   writer.write(total_steps, "eval", eval_metrics)
   for name, metrics in run_periodic_evals(periodic_evals, total_steps, total_steps, model,

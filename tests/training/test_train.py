@@ -254,3 +254,77 @@ def test_config_evals_run_inside_training_and_are_logged(tmp_path):
   alone = evaluation.evaluate_workdir(config, workdir, "robust", verbose=False)
   assert alone.metrics["robust_accuracy@0.05"] == last["robust_accuracy@0.05"]
   assert alone.metrics["clean_accuracy"] == last["clean_accuracy"]
+
+
+def _flip_shard_byte(step_dir):
+  from certjax.runs import signing  # pylint: disable=import-outside-toplevel
+  shard = sorted(n for n in signing.file_digests(step_dir) if "/d/" in n)[0]
+  path = os.path.join(step_dir, shard)
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    data[len(data) // 2] ^= 0x01
+    f.seek(0)
+    f.write(bytes(data))
+  return shard
+
+
+def test_signed_training_signs_checkpoints_and_verifies_before_resuming(tmp_path, monkeypatch):
+  import shutil
+  from certjax import data as data_lib, evaluation, runs  # pylint: disable=import-outside-toplevel
+  from certjax.runs import provenance, signing  # pylint: disable=import-outside-toplevel
+  for name in list(os.environ):  # the user's own keys and trust store must not decide it
+    if name.startswith("CERTJAX_") and name != "CERTJAX_JAX_CACHE":
+      monkeypatch.delenv(name)
+  monkeypatch.setenv(signing.ENV_TRUST_DIR, str(tmp_path / "trust"))
+  key = str(tmp_path / "signing_key")
+  fingerprint = signing.generate_key(key)
+  signed = {"signing.key": key}
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(num_train_steps=40, **signed), workdir)
+  ours = runs.policy_from_config(tiny_config(**signed))
+  records = {step: runs.verify_checkpoint(workdir, step, ours) for step in (20, 40)}
+  assert all(r["verified"] and r["key_fingerprint"] == fingerprint for r in records.values())
+  history = provenance.read(workdir)["history"]
+  assert len(history) == 1 and history[0]["end_step"] == 40
+  assert history[0]["checkpoints"] == {str(s): r["sha256"] for s, r in records.items()}
+  assert history[0]["data"]["train"]["examples_hashed"] == 4000
+  assert history[0]["config_json_sha256"] == provenance.file_sha256(
+      os.path.join(workdir, "config.json"))
+
+  # A resumed run verifies the newest checkpoint before reading it: a flipped
+  # byte stops it, naming the file, and nothing is written.
+  tampered = str(tmp_path / "tampered")
+  shutil.copytree(workdir, tampered)
+  shard = _flip_shard_byte(runs.step_directory(tampered, 40))
+  with pytest.raises(runs.CheckpointVerificationError,
+                     match=rf"^checkpoint step 40 in {tampered}/checkpoints: hash mismatch for "
+                           rf"'{shard}'"):
+    train_lib.train_and_evaluate(tiny_config(**signed), tampered)
+  assert len(provenance.read(tampered)["history"]) == 1
+  assert runs.checkpoint_steps(tampered) == [20, 40]
+  # Requiring signatures refuses an unsigned checkpoint, and a run without a key.
+  os.remove(os.path.join(runs.step_directory(tampered, 40), signing.SIGNATURE_FILE))
+  with pytest.raises(runs.CheckpointVerificationError, match="step 40 .*: not signed"):
+    train_lib.train_and_evaluate(tiny_config(**signed, **{"signing.require": True}), tampered)
+  with pytest.raises(ValueError, match="no signing key"):
+    train_lib.train_and_evaluate(tiny_config(**{"signing.require": True}), tampered)
+
+  resumed = train_lib.train_and_evaluate(tiny_config(**signed), workdir)
+  assert int(resumed.state.step) == 60
+  history = provenance.read(workdir)["history"]
+  assert [h["start_step"] for h in history] == [0, 40]
+  assert history[1]["resumed_from"] == {"step": 40, **{k: v for k, v in records[40].items()
+                                                      if k != "step"}}
+  assert list(history[1]["checkpoints"]) == ["60"]
+
+  # An evaluator's result file names the checkpoint, the config and the images.
+  config = tiny_config(**signed, **{"max": 20, "verify.methods": ("ibp",)})
+  result = evaluation.evaluate_workdir(config, workdir, "verified", verbose=False)
+  block = runs.read_json(result.artifacts["json"])["provenance"]
+  assert block["checkpoint"] == runs.verify_checkpoint(workdir, 60, ours)
+  assert block["checkpoint"]["sha256"] == history[1]["checkpoints"]["60"]
+  assert block["config_sha256"] == provenance.config_sha256(config)
+  selection = evaluation.EvalData.from_config(config.data, "test", 1, 20)
+  assert block["data"]["sha256"] == provenance.examples_sha256(
+      *data_lib.load_examples(config.data, "test", selection.indices))
+  assert block["packages"]["certjax"] and block["environment"]["device_count"] >= 1
