@@ -483,9 +483,11 @@ def test_sound_verified_accuracy_and_margins(sound_and_plain):
     sound = margin_lower_bounds(logits_fn, x, y, 0.01, method, sound_rounding=True)
     assert np.all(sound < plain), method
     np.testing.assert_allclose(sound, plain, rtol=1e-3, atol=1e-4)
-    result = verified_accuracy(logits_fn, x, y, 0.01, method, sound_rounding=True)
-    np.testing.assert_array_equal(result.margin_lower, sound)
-    assert result.accuracy <= verified_accuracy(logits_fn, x, y, 0.01, method).accuracy
+    if method == "crown_ibp":  # verified_accuracy passes the option through (one method:
+      # every call compiles, and compile time dominates this file)
+      result = verified_accuracy(logits_fn, x, y, 0.01, method, sound_rounding=True)
+      np.testing.assert_array_equal(result.margin_lower, sound)
+      assert result.accuracy <= verified_accuracy(logits_fn, x, y, 0.01, method).accuracy
 
 
 def test_sound_ball_is_rounded_outward():
