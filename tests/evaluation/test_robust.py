@@ -139,3 +139,13 @@ def test_run_attacks_without_checkpoint_says_so(tmp_path):
   from configs import mnist5k
   with pytest.raises(FileNotFoundError, match="train first"):
     evaluation.evaluate_workdir(mnist5k.get_config(), str(tmp_path), "robust")
+
+
+def test_l1_autoattack_without_square_does_not_carry_the_standard_name():
+  from certjax.attacks import AUTOATTACK_STANDARD  # pylint: disable=import-outside-toplevel
+  cfg = attack_config.default_config()
+  cfg.suite = "autoattack"
+  assert attack_config.suite_name(cfg) == AUTOATTACK_STANDARD
+  cfg.norm = "l1"
+  assert attack_config.suite_name(cfg) != AUTOATTACK_STANDARD
+  assert "without-square" in attack_config.suite_note(cfg)
