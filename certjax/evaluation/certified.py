@@ -326,7 +326,7 @@ def _summary_record(name: str, sigma: float, settings: Any, summary: analysis.Su
       "norm": norm,
       "tsv": tsv_path,
       "devices": {"platform": jax.devices()[0].platform, "count": jax.device_count()},
-      "environment": metadata.get("environment"),
+      "provenance": metadata.get("provenance"),
   }
 
 
@@ -401,6 +401,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       radius = np.zeros(mine.size, np.float32)
       if mine.size:
         x, y = ctx.data.load(mine)
+        common.note_loaded(ctx.data, mine, x, y)
         image_keys = sampling.keys_for_indices(key, mine)
         cert = _certify_group(image_keys, logits_fn, x, sigma, settings, num_classes, mesh)
         labels, prediction, radius = y.astype(np.int32), cert.prediction, cert.radius

@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import platform
 import weakref
 from typing import Any, Iterable, Mapping
 
@@ -45,9 +44,8 @@ from certjax.runs import provenance
 from certjax.runs.progress import Progress
 
 # Examples per host that `data_provenance` reads again to hash when the
-# evaluator did not load them through `HostShare` (e.g. the certified
-# evaluator, which loads in groups, or images a resumed run skipped). Beyond
-# it the hash covers what was loaded and says how much that was.
+# evaluator did not load them (images a resumed run skipped). Beyond it the
+# hash covers what was loaded and says how much that was.
 MAX_REREAD_EXAMPLES = 20_000
 
 
@@ -88,16 +86,13 @@ class HostShare:
     count: the number of examples over all hosts.
   """
 
-  def __init__(self, data: EvalData, positions: np.ndarray | None = None):
-    selected = data.indices if positions is None else data.indices[positions]
-    share, self.size = parallel.host_share(len(selected))
-    self.count = int(len(selected))
-    self.indices = np.asarray(selected[share], np.int64)
+  def __init__(self, data: EvalData):
+    share, self.size = parallel.host_share(len(data.indices))
+    self.count = int(len(data.indices))
+    self.indices = np.asarray(data.indices[share], np.int64)
     if self.indices.size:
       self.x, self.y = data.load(self.indices)
-      # Hashed now, from the arrays the evaluator computes on: the result
-      # file's data hash names what was evaluated, not a second read.
-      _remember_digests(data, self.indices, self.x, self.y, _LOADED_BY_EVALUATOR)
+      note_loaded(data, self.indices, self.x, self.y)
     else:
       self.x, self.y = None, np.zeros(0, np.int32)
 
@@ -116,6 +111,16 @@ def _digest_table(data: EvalData) -> dict[int, tuple[bytes, int]]:
     _DIGESTS[key] = (weakref.ref(data, lambda _, key=key: _DIGESTS.pop(key, None)), table)
     return table
   return entry[1]
+
+
+def note_loaded(data: EvalData, indices: np.ndarray, x: Any, y: Any) -> None:
+  """Hashes examples an evaluator loaded, for its result's data hash (`data_provenance`).
+
+  Hashed from the arrays the evaluator computes on, so the hash names what
+  was evaluated and needs no second read. `HostShare` calls it; an evaluator
+  that loads its examples otherwise (in groups) calls it after each load.
+  """
+  _remember_digests(data, indices, x, y, _LOADED_BY_EVALUATOR)
 
 
 def _remember_digests(data: EvalData, indices: np.ndarray, x: Any, y: Any, how: int) -> None:
@@ -247,16 +252,8 @@ class ResumeLog:
       files.append_jsonl(self.path, records)
 
 
-def environment() -> dict[str, Any]:
-  """Where a result was computed: devices, processes, versions (for result files)."""
-  return {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
-          "num_devices": jax.device_count(), "num_processes": jax.process_count(),
-          "host": platform.platform(), "jax_version": jax.__version__}
-
-
 def write_results(output_dir: str | None, stem: str, payload: Mapping[str, Any], table: str,
-                  figure: Any = None, extra: Mapping[str, str] | None = None
-                  ) -> dict[str, str]:
+                  figure: Any = None) -> dict[str, str]:
   """Writes `<stem>.json`, `<stem>.md` and `<stem>.png` under `output_dir` atomically.
 
   Only process 0 writes; every process returns the same paths.
@@ -267,10 +264,9 @@ def write_results(output_dir: str | None, stem: str, payload: Mapping[str, Any],
     payload: the JSON content.
     table: the Markdown content.
     figure: a matplotlib `Figure` to save as PNG, or None.
-    extra: further files, extension -> text (e.g. {'tsv': ...}).
 
   Returns:
-    kind -> path of the files written ('json', 'md', 'png', and `extra`'s).
+    kind -> path of the files written ('json', 'md', and 'png' with a figure).
   """
   if output_dir is None:
     return {}
@@ -278,12 +274,8 @@ def write_results(output_dir: str | None, stem: str, payload: Mapping[str, Any],
            "md": os.path.join(output_dir, f"{stem}.md")}
   if figure is not None:
     paths["png"] = os.path.join(output_dir, f"{stem}.png")
-  for ext in (extra or {}):
-    paths[ext] = os.path.join(output_dir, f"{stem}.{ext}")
   if parallel.is_main_process():
     os.makedirs(output_dir, exist_ok=True)
-    for ext, text in (extra or {}).items():
-      files.atomic_write_text(paths[ext], text)
     files.atomic_write_json(paths["json"], payload)
     files.atomic_write_text(paths["md"], table if table.endswith("\n") else table + "\n")
     if figure is not None:
@@ -312,7 +304,7 @@ def report(ctx: EvalContext, line: str) -> None:
 
 
 def metadata_block(ctx: EvalContext, **extra: Any) -> dict[str, Any]:
-  """The run's identification for result files: metadata, step, data, environment, provenance.
+  """The run's identification for result files: metadata, step, data, provenance.
 
   `provenance` joins what the caller knew of the run (`ctx.metadata['provenance']`,
   from `evaluation.workdir.run_metadata`: config hash, checkpoint verification)
@@ -325,7 +317,7 @@ def metadata_block(ctx: EvalContext, **extra: Any) -> dict[str, Any]:
           "split": ctx.data.split, "num_examples": int(len(ctx.data.indices)),
           "first_index": int(ctx.data.indices[0]) if len(ctx.data.indices) else None,
           "last_index": int(ctx.data.indices[-1]) if len(ctx.data.indices) else None,
-          **extra, "environment": environment(),
+          **extra,
           "provenance": {**run, **provenance.code_block(),
                          "environment": provenance.environment(),
                          "data": data_provenance(ctx.data)}}

@@ -17,6 +17,7 @@ from certjax import evaluation
 from certjax import models
 from certjax import runs
 from certjax import smoothing
+from certjax.runs import provenance
 from certjax.evaluation import certified
 from tests.conftest import smoke_config, trained_run
 
@@ -62,6 +63,10 @@ def run(workdir, output_dir, skip, max_index, **certify):
 @pytest.fixture(scope="module")
 def first_run(workdir, tmp_path_factory):
   return run(workdir, tmp_path_factory.mktemp("cert"), 40, 400)
+
+
+def images_at(indices):
+  return data_lib.load_examples({"name": "mnist5k"}, "test", indices)
 
 
 def rows_without_time(results):
@@ -110,6 +115,10 @@ def test_writes_cohen_tsv_summary_and_plot(first_run):
   np.testing.assert_allclose(record.results.radius, results.radius, rtol=1e-5)
   # The largest radius n allows is in the JSON and on the plot's legend.
   assert record.record["max_certifiable_radius"] == pytest.approx(cap, rel=1e-6)
+  # Its provenance names the images certified, hashed as they were loaded.
+  data = record.record["provenance"]["data"]
+  assert (data["examples_hashed"], data["examples_reread"]) == (10, 0)
+  assert data["sha256"] == provenance.examples_sha256(*images_at(results.idx))
 
 
 def test_certificates_do_not_depend_on_grouping_or_selection(workdir, first_run, tmp_path):
