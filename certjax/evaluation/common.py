@@ -285,6 +285,15 @@ def write_results(output_dir: str | None, stem: str, payload: Mapping[str, Any],
   return paths
 
 
+def read_results_json(path: str, section: str, stem: str) -> dict[str, Any]:
+  """Reads `<stem>.json` of an evaluator from a workdir (its `<section>/`), the
+  directory holding it, or the file itself."""
+  if os.path.isdir(path):
+    candidate = os.path.join(path, section, f"{stem}.json")
+    path = candidate if os.path.exists(candidate) else os.path.join(path, f"{stem}.json")
+  return files.read_json(path)
+
+
 def log_path(ctx: EvalContext, stem: str) -> str | None:
   """Where the resume log of a run named `stem` lives (None: do not resume)."""
   if ctx.output_dir is None or not ctx.resume:

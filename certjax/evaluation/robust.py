@@ -33,7 +33,6 @@ References:
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, List, Sequence, Tuple
 
 import ml_collections
@@ -54,7 +53,6 @@ from certjax.evaluation import common
 from certjax.evaluation import plots
 from certjax.evaluation.registry import EvalContext, EvalResult, EvalSetup, register_evaluator
 from certjax.runs import checkpoints as runs_checkpoints
-from certjax.runs import files
 
 NAME = "robust"
 SECTION = "attack"
@@ -228,48 +226,6 @@ def validate_settings(settings: Any, setup: EvalSetup | None = None) -> None:
   common.check_selection_settings(settings, SECTION)
 
 
-def merge_results(parts: Sequence[RobustAccuracyResult | None]) -> RobustAccuracyResult:
-  """One result over the union of disjoint parts, in the order given.
-
-  Robust accuracies are pooled by example count (each example counts once);
-  wall times and the largest perturbation are the maxima over parts, as the
-  parts ran side by side. None stands for a part without examples.
-
-  Raises:
-    ValueError: no non-empty part, or parts with different attacks/radii/norm.
-  """
-  parts = [p for p in parts if p is not None and p.num_examples]
-  if not parts:
-    raise ValueError("merge_results needs at least one non-empty result.")
-  first = parts[0]
-  for p in parts[1:]:
-    if (p.norm, p.attack_names, [r.eps for r in p.per_eps]) != (
-        first.norm, first.attack_names, [r.eps for r in first.per_eps]):
-      raise ValueError("merge_results needs results of the same attacks, radii and norm.")
-  sizes = np.array([p.num_examples for p in parts])
-  total = int(sizes.sum())
-  correct = np.concatenate([p.correct for p in parts])
-  per_eps = []
-  for e, r in enumerate(first.per_eps):
-    after = []
-    for a, name in enumerate(first.attack_names):
-      robust = sum(round(p.per_eps[e].robust_accuracy_after[a][1] * n)
-                   for p, n in zip(parts, sizes))
-      after.append((name, robust / total))
-    seconds = tuple((name, max(p.per_eps[e].seconds[a][1] for p in parts))
-                    for a, name in enumerate(first.attack_names))
-    robust_mask = np.concatenate([p.per_eps[e].robust for p in parts])
-    per_eps.append(EpsResult(
-        eps=r.eps, robust_accuracy=float(np.mean(robust_mask)),
-        robust_accuracy_after=tuple(after), seconds=seconds,
-        max_perturbation=max(p.per_eps[e].max_perturbation for p in parts),
-        robust=robust_mask))
-  return RobustAccuracyResult(norm=first.norm, num_examples=total,
-                              clean_accuracy=float(np.mean(correct)),
-                              attack_names=first.attack_names, per_eps=tuple(per_eps),
-                              correct=correct, suite=first.suite)
-
-
 def _gather_eps(part: RobustAccuracyResult | None, share: common.HostShare,
                 attack_names: Sequence[str]) -> dict[str, Any]:
   """The outcome at one radius over all hosts: masks in order, counts summed, maxima."""
@@ -406,7 +362,4 @@ def _title(metadata: dict[str, Any]) -> str:
 
 def read_results(path: str) -> dict[str, Any]:
   """Reads results.json written by this evaluator (a workdir, its attack/ directory or the file)."""
-  if os.path.isdir(path):
-    candidate = os.path.join(path, SECTION, f"{RESULTS_STEM}.json")
-    path = candidate if os.path.exists(candidate) else os.path.join(path, f"{RESULTS_STEM}.json")
-  return files.read_json(path)
+  return common.read_results_json(path, SECTION, RESULTS_STEM)

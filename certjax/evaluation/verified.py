@@ -306,10 +306,7 @@ def _json_safe(value: Any) -> Any:
 
 def read_results(path: str) -> dict[str, Any]:
   """Reads results.json of this evaluator (a workdir, its verify/ directory or the file)."""
-  if os.path.isdir(path):
-    candidate = os.path.join(path, SECTION, f"{RESULTS_STEM}.json")
-    path = candidate if os.path.exists(candidate) else os.path.join(path, f"{RESULTS_STEM}.json")
-  return files.read_json(path)
+  return common.read_results_json(path, SECTION, RESULTS_STEM)
 
 
 def _objective_of_workdir(workdir: str) -> str:

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 from certjax import parallel
-from certjax.evaluation import robust as robust_evaluator
-from certjax.attacks.runner import EpsResult, RobustAccuracyResult
 from tests.distributed._util import certjax_env
 
 
@@ -128,33 +126,3 @@ def test_single_process_gather_and_broadcast_keep_dtypes():
   # The uint32 encoding used between hosts is bit-exact.
   for v in tree.values():
     np.testing.assert_array_equal(parallel.from_words(parallel.to_words(v), v), v)
-
-
-def _part(correct, robust_after_each, seconds):
-  """A hand-made result: robust_after_each[e][a] = per-example mask after attack a."""
-  per_eps = []
-  for e, masks in enumerate(robust_after_each):
-    per_eps.append(EpsResult(
-        eps=0.1 * (e + 1), robust_accuracy=float(np.mean(masks[-1])),
-        robust_accuracy_after=tuple((n, float(np.mean(m))) for n, m in zip("ab", masks)),
-        seconds=tuple((n, seconds) for n in "ab"), max_perturbation=0.1 * (e + 1) * seconds,
-        robust=np.asarray(masks[-1])))
-  return RobustAccuracyResult(norm="linf", num_examples=len(correct),
-                              clean_accuracy=float(np.mean(correct)), attack_names=("a", "b"),
-                              per_eps=tuple(per_eps), correct=np.asarray(correct))
-
-
-def test_merge_results_pools_by_example_count():
-  one = _part([1, 1, 0], [[[1, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 0, 0]]], seconds=1.0)
-  two = _part([1], [[[1], [0]], [[1], [1]]], seconds=3.0)
-  merged = robust_evaluator.merge_results([one, None, two])
-  assert merged.num_examples == 4 and merged.clean_accuracy == 0.75
-  np.testing.assert_array_equal(merged.correct, [1, 1, 0, 1])
-  first, second = merged.per_eps
-  assert first.robust_accuracy_after == (("a", 0.5), ("b", 0.25))
-  assert second.robust_accuracy_after == (("a", 0.25), ("b", 0.25))
-  np.testing.assert_array_equal(second.robust, [0, 0, 0, 1])
-  assert first.seconds == (("a", 3.0), ("b", 3.0))
-  assert second.max_perturbation == pytest.approx(0.6)
-  with pytest.raises(ValueError, match="at least one non-empty"):
-    robust_evaluator.merge_results([None])
