@@ -31,7 +31,7 @@ Sections:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -107,8 +107,17 @@ def _unknown_keys(config: Any, reference: Any, prefix: str = "") -> list[str]:
   return problems
 
 
-def validate_evals(config: Any) -> dict[str, tuple[str, int, ml_collections.ConfigDict]]:
-  """Checks `config.evals`; returns name -> (evaluator, every_steps, settings).
+class EvalEntry(NamedTuple):
+  """One checked entry of `config.evals`."""
+  kind: str                            # the evaluator's name
+  every_steps: int                     # 0: only at the end
+  settings: ml_collections.ConfigDict  # its settings, defaults filled in
+  skip: int                            # the images: every skip-th ...
+  max: int                             # ... below index max (-1: all)
+
+
+def validate_evals(config: Any) -> dict[str, EvalEntry]:
+  """Checks `config.evals`; returns name -> `EvalEntry`.
 
   Raises:
     ValueError: an entry that is not a mapping, lacks `type`, names an unknown
@@ -130,8 +139,10 @@ def validate_evals(config: Any) -> dict[str, tuple[str, int, ml_collections.Conf
     kind = validation.check_choice(entry.pop("type"), f"{where}.type",
                                    evaluation.evaluator_names())
     every = validation.check_int_at_least(entry.pop("every_steps", 0), f"{where}.every_steps", 0)
-    validation.check_int_at_least(entry.pop("skip", config.get("skip", 1)), f"{where}.skip", 1)
-    validation.check_int_at_least(entry.pop("max", config.get("max", -1)), f"{where}.max", -1)
+    skip = validation.check_int_at_least(entry.pop("skip", config.get("skip", 1)),
+                                         f"{where}.skip", 1)
+    max_index = validation.check_int_at_least(entry.pop("max", config.get("max", -1)),
+                                              f"{where}.max", -1)
     for key in _NOT_DURING_TRAINING:
       if key in entry:
         raise ValueError(f"{where}.{key} has no meaning during training (the evaluation runs "
@@ -139,7 +150,7 @@ def validate_evals(config: Any) -> dict[str, tuple[str, int, ml_collections.Conf
                          "remove it.")
     settings = evaluation.merged_settings(kind, entry, where)
     evaluation.validate_settings(kind, settings, run_config=config, where=where)
-    entries[str(name)] = (kind, every, settings)
+    entries[str(name)] = EvalEntry(kind, every, settings, skip, max_index)
   return entries
 
 

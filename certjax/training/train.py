@@ -162,48 +162,57 @@ class _PeriodicEval:
     return step == total_steps or bool(self.every_steps and step % self.every_steps == 0)
 
 
-def make_periodic_evals(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo
-                        ) -> list[_PeriodicEval]:
-  """The evaluators of `config.evals`, built (and so validated) before training starts."""
-  evals = []
-  for name, (kind, every, settings) in config_lib.validate_evals(config).items():
-    entry = config.evals[name]
-    split = settings.split or config.data.eval_split
-    data = evaluation.EvalData.from_config(config.data, split,
-                                           int(entry.get("skip", config.skip)),
-                                           int(entry.get("max", config.max)))
-    evaluate = evaluation.get_evaluator(kind, settings, info.num_classes, run_config=config,
-                                        where=f"evals.{name}")
-    evals.append(_PeriodicEval(name, kind, every, evaluate, data))
-  return evals
+@dataclasses.dataclass
+class PeriodicEvals:
+  """The evaluators of `config.evals`, built (and so validated) before training starts.
 
+  What every evaluation shares is made once: the result files' metadata and,
+  when an evaluator must compute in float32 and the model does not, the
+  float32 twin of the model (one module, so its compiled programs are reused
+  from one evaluation to the next).
+  """
+  evals: list[_PeriodicEval]
+  metadata: dict[str, Any]
+  float32_apply_fn: Any
 
-def run_periodic_evals(evals: list[_PeriodicEval], step: int, total_steps: int, model: Any,
-                       variables: Any, config: ml_collections.ConfigDict,
-                       info: data_lib.DatasetInfo, workdir: str,
-                       writer: metrics_lib.MetricWriter) -> dict[str, dict[str, float]]:
-  """Runs the evaluators due at `step` on the current variables; logs their metrics."""
-  results = {}
-  float32_apply_fn = None
-  for ev in evals:
-    if not ev.due(step, total_steps):
-      continue
-    if (evaluation.get_spec(ev.kind).float32 and config.compute_dtype != "float32"
-        and float32_apply_fn is None):
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict, info: data_lib.DatasetInfo,
+            workdir: str) -> "PeriodicEvals":
+    evals = []
+    for name, entry in config_lib.validate_evals(config).items():
+      split = entry.settings.split or config.data.eval_split
+      data = evaluation.EvalData.from_config(config.data, split, entry.skip, entry.max)
+      evaluate = evaluation.get_evaluator(entry.kind, entry.settings, info.num_classes,
+                                          run_config=config, where=f"evals.{name}")
+      evals.append(_PeriodicEval(name, entry.kind, entry.every_steps, evaluate, data))
+    float32_apply_fn = None
+    if config.compute_dtype != "float32" and any(
+        evaluation.get_spec(ev.kind).float32 for ev in evals):
       float32_apply_fn = runs.build_model(config, info, compute_dtype="float32").apply
-    ctx = evaluation.EvalContext(
-        apply_fn=model.apply, variables=variables, data=ev.data, num_classes=info.num_classes,
-        step=step, output_dir=os.path.join(workdir, "evals", ev.name, str(step)),
-        metadata=evaluation.workdir.run_metadata(config, workdir),
-        float32_apply_fn=float32_apply_fn, resume=False, verbose=False)
-    tic = time.perf_counter()
-    result = ev.evaluate(ctx)
-    metrics = {**result.metrics, "seconds": time.perf_counter() - tic}
-    writer.write(step, f"evals/{ev.name}", metrics)
-    logging.info("evals/%s (%s) at step %d: %s", ev.name, ev.kind, step, ", ".join(
-        f"{k} {v:.4g}" for k, v in result.metrics.items()))
-    results[ev.name] = metrics
-  return results
+    return cls(evals, evaluation.workdir.run_metadata(config, workdir), float32_apply_fn)
+
+  def run(self, step: int, total_steps: int, model: Any, variables: Any,
+          info: data_lib.DatasetInfo, workdir: str,
+          writer: metrics_lib.MetricWriter) -> dict[str, dict[str, float]]:
+    """Runs the evaluators due at `step` on the current variables; logs their metrics."""
+    results = {}
+    for ev in self.evals:
+      if not ev.due(step, total_steps):
+        continue
+      ctx = evaluation.EvalContext(
+          apply_fn=model.apply, variables=variables, data=ev.data,
+          num_classes=info.num_classes, step=step,
+          output_dir=os.path.join(workdir, "evals", ev.name, str(step)),
+          metadata=self.metadata, float32_apply_fn=self.float32_apply_fn, resume=False,
+          verbose=False)
+      tic = time.perf_counter()
+      result = ev.evaluate(ctx)
+      metrics = {**result.metrics, "seconds": time.perf_counter() - tic}
+      writer.write(step, f"evals/{ev.name}", metrics)
+      logging.info("evals/%s (%s) at step %d: %s", ev.name, ev.kind, step, ", ".join(
+          f"{k} {v:.4g}" for k, v in result.metrics.items()))
+      results[ev.name] = metrics
+    return results
 
 
 def _all_finite(tree) -> bool:
@@ -246,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       apply_fn=model.apply, num_classes=info.num_classes, total_steps=total_steps,
       input_shape=tuple(info.image_shape))
   loss_fn = objectives_lib.get_objective(config.objective, ctx)
-  periodic_evals = make_periodic_evals(config, info)
+  periodic_evals = PeriodicEvals.build(config, info, workdir)
 
   # Named streams: no evaluator's key (certification noise, attacks) can
   # equal a training key, whatever the seeds (certjax.keys).
@@ -334,8 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       logging.info("eval at step %d: accuracy %.4f, loss %.4f", step,
                    eval_metrics["accuracy"], eval_metrics["loss"])
     if step != total_steps:
-      run_periodic_evals(periodic_evals, step, total_steps, model, state.variables, config,
-                         info, workdir, writer)
+      periodic_evals.run(step, total_steps, model, state.variables, info, workdir, writer)
 
   if manager.latest_step() != total_steps:
     save(state, total_steps)
@@ -344,9 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     provenance_lib.finish_training_entry(workdir, end_step=total_steps, checkpoints=signed)
   eval_metrics = evaluate(eval_step, state.variables, config, mesh)
   writer.write(total_steps, "eval", eval_metrics)
-  for name, metrics in run_periodic_evals(periodic_evals, total_steps, total_steps, model,
-                                          state.variables, config, info, workdir,
-                                          writer).items():
+  for name, metrics in periodic_evals.run(total_steps, total_steps, model, state.variables,
+                                         info, workdir, writer).items():
     eval_metrics.update({f"evals/{name}/{k}": v for k, v in metrics.items()})
   writer.close()
   logging.info("Finished %d steps in %.1f s; eval accuracy %.4f on %d examples",

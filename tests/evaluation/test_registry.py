@@ -53,8 +53,8 @@ def test_the_whole_config_is_validated_up_front():
   config.evals.cert = {"type": "certified"}
   with pytest.raises(ValueError, match="certify.sigma is -1.*'standard' has no sigma"):
     from certjax.training import train as train_lib  # pylint: disable=import-outside-toplevel
-    train_lib.make_periodic_evals(config_lib.with_defaults(config),
-                                  type("Info", (), {"num_classes": 10})())
+    train_lib.PeriodicEvals.build(config_lib.with_defaults(config),
+                                  type("Info", (), {"num_classes": 10})(), None)
 
 
 def relu_net(variables, x, train=False):
