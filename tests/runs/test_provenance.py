@@ -68,15 +68,16 @@ def test_evaluated_data_hash_comes_from_what_was_loaded(monkeypatch):
   assert record["sha256"] == expected and loads == [list(range(2, 10))]  # no second read
   assert (record["name"], record["split"], record["num_examples"]) == ("toy", "test", 8)
   assert (record["examples_hashed"], record["examples_reread"]) == (8, 0)
-  # Examples the evaluator did not load through HostShare are read again and hashed.
+  # Examples the evaluator did not load (here: it loaded the first 3) are read
+  # again and hashed.
   data = selection()
-  common.HostShare(data, positions=np.arange(3))
+  common.note_loaded(data, data.indices[:3], *base.load(data.indices[:3]))
   record = common.data_provenance(data)
   assert record["sha256"] == expected and record["examples_reread"] == 5
   # Beyond the re-read cap the hash covers what was loaded, and says so.
   monkeypatch.setattr(common, "MAX_REREAD_EXAMPLES", 0)
   data = selection()
-  common.HostShare(data, positions=np.arange(3))
+  common.note_loaded(data, data.indices[:3], *base.load(data.indices[:3]))
   record = common.data_provenance(data)
   assert record["examples_hashed"] == 3 and "not read again" in record["note"]
   assert record["sha256"] == provenance.examples_sha256(x[2:5], y[2:5])
