@@ -195,12 +195,11 @@ def resume(manager: ocp.CheckpointManager, abstract_state: Any,
   if step is None:
     return Resumed(None, None)
   record = verify_step(manager.directory, step, policy)
-  return Resumed(restore_latest(manager, abstract_state, _verified=True), record)
+  return Resumed(_restore_state(manager, step, abstract_state), record)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   policy: signing.SigningPolicy | None = None, *,
-                   _verified: bool = False) -> Any | None:
+                   policy: signing.SigningPolicy | None = None) -> Any | None:
   """Restores the newest checkpoint into the structure of `abstract_state`, verified first.
 
   Args:
@@ -220,8 +219,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   step = manager.latest_step()
   if step is None:
     return None
-  if not _verified:
-    verify_step(manager.directory, step, policy)
+  verify_step(manager.directory, step, policy)
+  return _restore_state(manager, step, abstract_state)
+
+
+def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """Checkpoint `step` restored into `abstract_state` (verified by the caller)."""
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # orbax raises several types for structure mismatches.
@@ -312,8 +315,7 @@ class TrainedModel(NamedTuple):
 
 
 def restore_variables(workdir: str, step: int, mesh: Mesh | None = None,
-                      policy: signing.SigningPolicy | None = None, *,
-                      _verified: bool = False) -> dict[str, Any]:
+                      policy: signing.SigningPolicy | None = None) -> dict[str, Any]:
   """The model variables of checkpoint `step`, replicated on `mesh`, verified first.
 
   Reads only the parameters and model state of the saved `TrainState`, laid
@@ -324,8 +326,12 @@ def restore_variables(workdir: str, step: int, mesh: Mesh | None = None,
   Raises:
     signing.CheckpointVerificationError: the checkpoint fails verification.
   """
-  if not _verified:
-    verify_checkpoint(workdir, step, policy)
+  verify_checkpoint(workdir, step, policy)
+  return _read_variables(workdir, step, mesh)
+
+
+def _read_variables(workdir: str, step: int, mesh: Mesh | None) -> dict[str, Any]:
+  """The variables of checkpoint `step` on `mesh` (verified by the caller)."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   directory = _item_directory(workdir, step)
   # PyTreeCheckpointer reads what StandardSave wrote and, unlike the standard
@@ -386,7 +392,7 @@ def restore_model(workdir: str, step: int | None = None,
   abstract = jax.eval_shape(
       lambda key: models_lib.init_variables(model, key, (1, *info.image_shape)),
       jax.random.key(0))
-  variables = restore_variables(workdir, step, mesh, _verified=True)
+  variables = _read_variables(workdir, step, mesh)
   expected = jax.tree.map(lambda a: tuple(a.shape), dict(abstract))
   found = jax.tree.map(lambda a: tuple(a.shape), variables)
   if expected != found:
