@@ -363,7 +363,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
 
   def evaluate(ctx: EvalContext) -> EvalResult:
     devices = jax.local_device_count()
-    mesh = common.local_mesh() if devices > 1 else None
+    mesh = parallel.local_mesh() if devices > 1 else None
     variables = (common.local_variables(ctx.variables, mesh) if mesh is not None
                  else jax.device_put(jax.device_get(ctx.variables), jax.local_devices()[0]))
     logits_fn = functools.partial(ctx.apply_fn, variables, train=False)

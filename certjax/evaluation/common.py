@@ -4,7 +4,7 @@ One way for each, used by every evaluator:
 
   * Split and gather over hosts: host h takes the contiguous share
     `parallel.host_share` of the selected examples, loads only those, and
-    computes on its own devices (`local_mesh`); per-example outcomes are
+    computes on its own devices (`parallel.local_mesh`); per-example outcomes are
     gathered once with `gather_shares` (an all-gather of the padded shares,
     padding dropped), so every host holds the same full result and every
     example counts exactly once. Process 0 writes the files.
@@ -59,12 +59,6 @@ def check_selection_settings(settings: Any, section: str) -> None:
   if not isinstance(settings.split, str):
     raise ValueError(f"{section}.split must be a split name or '' (the data's eval split); "
                      f"got {settings.split!r}.")
-
-
-def local_mesh() -> Mesh:
-  """This host's devices as a one-axis 'data' mesh: evaluators split work over
-  hosts themselves and need no communication inside a compiled call."""
-  return parallel.local_mesh()
 
 
 def local_variables(variables: Any, mesh: Mesh) -> Any:

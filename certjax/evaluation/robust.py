@@ -309,7 +309,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
   note = suite_note(settings)
 
   def evaluate(ctx: EvalContext) -> EvalResult:
-    mesh = common.local_mesh()
+    mesh = parallel.local_mesh()
     share = common.HostShare(ctx.data)
     variables = common.local_variables(ctx.variables, mesh)
     logits_fn = functools.partial(ctx.apply_fn, variables, train=False)

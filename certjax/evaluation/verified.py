@@ -235,7 +235,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
 
   def evaluate(ctx: EvalContext) -> EvalResult:
     apply_fn = ctx.float32_apply_fn or ctx.apply_fn
-    mesh = common.local_mesh()
+    mesh = parallel.local_mesh()
     share = common.HostShare(ctx.data)
     variables = common.local_variables(ctx.variables, mesh)
     methods, skipped = list(requested), []

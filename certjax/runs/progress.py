@@ -45,10 +45,6 @@ class Progress:
     self._last_time = time.perf_counter()
     self._last_report = float("-inf")
 
-  @property
-  def total_steps(self) -> int:
-    return self.total
-
   def due(self, done: int) -> bool:
     """Whether a line should be printed now: at the end, or min_interval_s after the last."""
     now = time.perf_counter()
