@@ -55,7 +55,6 @@ import argparse
 import dataclasses
 import functools
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -170,16 +169,9 @@ def _first_call_seconds(fn: Callable[[], Any]) -> float:
 
 
 def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median seconds of each call, timed in alternating rounds after one warm-up each."""
-  compile_s = {name: _first_call_seconds(call) for name, call in calls.items()}
-  samples = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      jax.block_until_ready(call())
-      samples[name].append(time.perf_counter() - start)
-  medians = {name: statistics.median(s) for name, s in samples.items()}
-  return {**medians, **{f"{name}_first_call": s for name, s in compile_s.items()}}
+  """Median seconds of each call, and each first call's as `<name>_first_call`."""
+  medians, first = common.interleaved_seconds(calls, repeats)
+  return {**medians, **{f"{name}_first_call": s for name, s in first.items()}}
 
 
 # ----------------------------------------------------------------------------- training

@@ -45,8 +45,6 @@ import argparse
 import functools
 import os
 import platform
-import statistics
-import time
 
 import flax
 import flax.linen as nn
@@ -98,16 +96,10 @@ def _memory_bytes(jitted, *args) -> int | None:
 
 
 def _interleaved_medians(programs: dict, repeats: int) -> dict:
-  """Median seconds per program, timing them round-robin after one warm-up call."""
-  for fn, args in programs.values():
-    jax.block_until_ready(fn(*args))
-  times = {name: [] for name in programs}
-  for _ in range(repeats):
-    for name, (fn, args) in programs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  """Median seconds per (function, arguments) program (`common.interleaved_seconds`)."""
+  return common.interleaved_seconds(
+      {name: functools.partial(fn, *args) for name, (fn, args) in programs.items()},
+      repeats)[0]
 
 
 def benchmark_model(name: str, model: nn.Module, batch: int, image_shape, eps: float,

@@ -89,6 +89,31 @@ def time_call(fn: Callable[..., Any], *args, warmup: int = 2, repeats: int = 7,
   return statistics.median(samples)
 
 
+def interleaved_seconds(calls: dict[str, Callable[[], Any]], repeats: int
+                        ) -> tuple[dict[str, float], dict[str, float]]:
+  """Median seconds of each call, timed round-robin after one warm-up call each.
+
+  Interleaving spreads other processes' load over all calls alike.
+
+  Returns:
+    (name -> median seconds, name -> seconds of the first call, compilation
+    included).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  first = {}
+  for name, call in calls.items():
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    first[name] = time.perf_counter() - start
+  samples = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      samples[name].append(time.perf_counter() - start)
+  return {name: statistics.median(s) for name, s in samples.items()}, first
+
+
 def write_report(path: str, report: dict[str, Any]) -> None:
   """Writes `report` as indented JSON with sorted keys, atomically.
 
