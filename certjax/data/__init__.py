@@ -10,6 +10,8 @@ Pipelines (grain MapDataset, exact resume):
   train_batches: infinite, per-epoch permutations, per-host slices.
   eval_batches: one padded pass with masks.
   load_arrays: a slice of a split in memory.
+  load_split_uint8: a whole split in memory as uint8 (for on-device batching).
+  membership: which examples each of K models trains on ([K, N] masks).
   select_indices / load_examples: Cohen-style skip/max selections of a split.
 
 Images are float32 NHWC in [0, 1]; labels int32. Data sets whose images vary
@@ -32,6 +34,8 @@ from certjax.data.pipeline import eval_batches
 from certjax.data.pipeline import eval_dataset
 from certjax.data.pipeline import load_arrays
 from certjax.data.pipeline import load_examples
+from certjax.data.pipeline import load_split_uint8
+from certjax.data import membership
 from certjax.data.pipeline import select_indices, select_split_indices
 from certjax.data.pipeline import train_batches
 from certjax.data.pipeline import train_dataset
@@ -51,6 +55,8 @@ __all__ = [
     "get_info",
     "load_arrays",
     "load_examples",
+    "load_split_uint8",
+    "membership",
     "select_indices",
     "select_split_indices",
     "load_idx_split",

@@ -20,6 +20,9 @@ from certjax.validation import check_choice
 EMBEDDED_NAME = "mnist5k"
 IDX_NAMES = ("mnist", "fashion_mnist")
 AUGMENTATIONS = ("none", "crop_flip")
+# Which training examples each of `config.num_models` models trains on
+# (`certjax.data.membership`).
+MEMBERSHIPS = ("all", "random_half", "fraction", "disjoint", "file")
 
 _DEFAULTS: dict[str, Any] = {
     "name": EMBEDDED_NAME,
@@ -32,6 +35,9 @@ _DEFAULTS: dict[str, Any] = {
     "image_size": 0,
     "num_eval_examples": -1,
     "split_seed": 0,
+    "membership": "all",
+    "membership_fraction": 0.5,
+    "membership_file": "",
 }
 
 ACCEPTED_FIELDS = tuple(_DEFAULTS)
@@ -77,6 +83,17 @@ def default_data_config() -> ml_collections.ConfigDict:
     split_seed: seed of the stratified train/test split of 'mnist5k' only;
       deliberately separate from the training seed so that the test set
       stays fixed across training runs.
+    membership: which training examples each of the `config.num_models`
+      models trains on, as a [K, N] mask over the train split saved in the
+      workdir (`certjax.data.membership`): 'all' (every model, every
+      example; models differ by seed), 'random_half' (LiRA's design: each
+      example in exactly half of the models), 'fraction' (each example in a
+      `membership_fraction` share of the models), 'disjoint' (a partition:
+      federated clients, bagging), 'file' (a saved bool [K, N] .npy at
+      `membership_file`).
+    membership_fraction: the share of models each example is in, for
+      membership='fraction'; in (0, 1).
+    membership_file: the .npy mask for membership='file'.
   """
   return ml_collections.ConfigDict(dict(_DEFAULTS))
 
@@ -142,6 +159,18 @@ def validate_data_config(data_config: Any) -> ml_collections.FrozenConfigDict:
   split_seed = cfg["split_seed"]
   if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
     raise ValueError(f"data_config.split_seed must be an integer >= 0, got {split_seed!r}.")
+  check_choice(cfg["membership"], "data_config.membership", MEMBERSHIPS)
+  fraction = cfg["membership_fraction"]
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+      0.0 < fraction < 1.0):
+    raise ValueError(f"data_config.membership_fraction must lie in (0, 1); got {fraction!r}.")
+  if not isinstance(cfg["membership_file"], str):
+    raise ValueError(f"data_config.membership_file must be a path string, got "
+                     f"{cfg['membership_file']!r}.")
+  if (cfg["membership"] == "file") != bool(cfg["membership_file"]):
+    raise ValueError("data_config.membership_file must be set exactly when "
+                     f"data_config.membership='file' (got membership={cfg['membership']!r}, "
+                     f"membership_file={cfg['membership_file']!r}).")
   if cfg["manual_dir"] and cfg["name"] not in IDX_NAMES:
     raise ValueError(
         f"data_config.manual_dir is only supported for the IDX data sets "

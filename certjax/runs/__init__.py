@@ -1,7 +1,8 @@
 """Workdirs and processes of certjax runs: below both training and evaluation.
 
   checkpoints: config.json, orbax checkpoints, `restore_model(workdir)` onto
-    the current mesh, `build_model(config, info)`, `resolve_step`; every
+    the current mesh, `restore_models(workdir)` for the K models of a
+    many-models run, `build_model(config, info)`, `resolve_step`; every
     restore verifies the checkpoint first.
   signing: signed checkpoints (a manifest of file hashes signed with an EC
     key through sigstore's model-signing), keys, trust store, policy.
@@ -19,6 +20,7 @@ from certjax.runs.checkpoints import CHECKPOINT_DIR
 from certjax.runs.checkpoints import CONFIG_FILE
 from certjax.runs.checkpoints import Resumed
 from certjax.runs.checkpoints import TrainedModel
+from certjax.runs.checkpoints import TrainedModels
 from certjax.runs.checkpoints import build_model
 from certjax.runs.checkpoints import checkpoint_steps
 from certjax.runs.checkpoints import config_to_dict
@@ -28,6 +30,7 @@ from certjax.runs.checkpoints import read_config
 from certjax.runs.checkpoints import resolve_step
 from certjax.runs.checkpoints import restore_latest
 from certjax.runs.checkpoints import restore_model
+from certjax.runs.checkpoints import restore_models
 from certjax.runs.checkpoints import restore_variables
 from certjax.runs.checkpoints import resume
 from certjax.runs.checkpoints import save_checkpoint
@@ -51,10 +54,10 @@ from certjax.runs.signing import policy_from_config
 
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "CheckpointVerificationError", "Progress", "Resumed",
-    "SigningPolicy", "TrainedModel", "append_jsonl", "atomic_write_json", "atomic_write_text",
+    "SigningPolicy", "TrainedModel", "TrainedModels", "append_jsonl", "atomic_write_json", "atomic_write_text",
     "build_model", "checkpoint_steps", "config_to_dict", "enable_compilation_cache",
     "load_trained", "make_manager", "policy_from_config", "quiet_library_logs", "read_config",
-    "read_json", "read_jsonl", "resolve_step", "restore_latest", "restore_model",
+    "read_json", "read_jsonl", "resolve_step", "restore_latest", "restore_model", "restore_models",
     "restore_variables", "resume", "save_checkpoint", "sign_step", "step_directory",
     "subprocess_env", "verify_checkpoint", "verify_step", "write_config",
 ]

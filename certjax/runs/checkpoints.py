@@ -385,22 +385,90 @@ def restore_model(workdir: str, step: int | None = None,
     policy = signing.policy_from_config(config)
   if config is None:
     config = read_config(workdir)
+  if os.path.exists(os.path.join(workdir, data_lib.membership.MASK_FILE)):
+    raise ValueError(
+        f"{workdir} holds the models of a many-models run ({data_lib.membership.MASK_FILE}); "
+        "restore them with certjax.runs.restore_models(workdir) and pick one with "
+        ".member(k).")
   step = resolve_step(workdir, step)
   record = verify_checkpoint(workdir, step, policy)
   info = data_lib.get_info(config.data)
   model = build_model(config, info, compute_dtype=compute_dtype)
+  variables = _read_variables(workdir, step, mesh)
+  _check_fits(workdir, step, config, model, info, variables, ())
+  return TrainedModel(model, variables, config, info, step, record)
+
+
+def _check_fits(workdir: str, step: int, config: Any, model: Any, info: Any, variables: Any,
+                leading: tuple[int, ...]) -> None:
+  """Raises ValueError unless `variables` have the shapes `model` builds (after `leading`)."""
   abstract = jax.eval_shape(
       lambda key: models_lib.init_variables(model, key, (1, *info.image_shape)),
       jax.random.key(0))
-  variables = _read_variables(workdir, step, mesh)
-  expected = jax.tree.map(lambda a: tuple(a.shape), dict(abstract))
+  expected = jax.tree.map(lambda a: leading + tuple(a.shape), dict(abstract))
   found = jax.tree.map(lambda a: tuple(a.shape), variables)
   if expected != found:
+    what = f"{leading[0]} stacked models" if leading else "one model"
     raise ValueError(
         f"The checkpoint at step {step} in {checkpoint_directory(workdir)} holds variables "
-        f"that do not fit model {config.model.name!r} built from this config (different "
-        "model or model.kwargs?).")
-  return TrainedModel(model, variables, config, info, step, record)
+        f"that do not fit {what} of {config.model.name!r} built from this config (different "
+        "model, model.kwargs or num_models?).")
+
+
+class TrainedModels(NamedTuple):
+  """The K models of a many-models run (`certjax.training.many`), restored together.
+
+  Attributes:
+    model: the Flax module all K share.
+    variables: {'params': ..., **model_state}, every leaf with a leading axis K.
+    masks: bool [K, N]: which train-split examples model k trained on.
+    config, info, step, checkpoint: as in `TrainedModel`.
+  """
+  model: Any
+  variables: Any
+  masks: Any
+  config: ml_collections.ConfigDict
+  info: data_lib.DatasetInfo
+  step: int
+  checkpoint: dict[str, Any] | None = None
+
+  @property
+  def num_models(self) -> int:
+    return int(self.masks.shape[0])
+
+  def member(self, k: int) -> TrainedModel:
+    """Model k as an ordinary `TrainedModel` (its `logits_fn()` for any attack)."""
+    if not 0 <= int(k) < self.num_models:
+      raise ValueError(f"Model index {k} out of range: this run has {self.num_models} models "
+                       f"(0..{self.num_models - 1}).")
+    variables = jax.tree.map(lambda a: a[int(k)], self.variables)
+    return TrainedModel(self.model, variables, self.config, self.info, self.step,
+                        self.checkpoint)
+
+
+def restore_models(workdir: str, step: int | None = None,
+                   config: ml_collections.ConfigDict | None = None, *,
+                   mesh: Mesh | None = None,
+                   policy: signing.SigningPolicy | None = None) -> TrainedModels:
+  """Restores the K models of a many-models workdir, verified first (as `restore_model`).
+
+  Raises:
+    FileNotFoundError: no checkpoint, or no membership masks (not a many-models run).
+    signing.CheckpointVerificationError: the checkpoint fails verification.
+    ValueError: variables that do not fit K models of the config's model.
+  """
+  if policy is None:
+    policy = signing.policy_from_config(config)
+  if config is None:
+    config = read_config(workdir)
+  masks = data_lib.membership.read_workdir_masks(workdir)
+  step = resolve_step(workdir, step)
+  record = verify_checkpoint(workdir, step, policy)
+  info = data_lib.get_info(config.data)
+  model = build_model(config, info)
+  variables = _read_variables(workdir, step, mesh)
+  _check_fits(workdir, step, config, model, info, variables, (int(masks.shape[0]),))
+  return TrainedModels(model, variables, masks, config, info, step, record)
 
 
 def load_trained(workdir: str, step: int | None = None,

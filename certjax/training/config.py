@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000  # a checkpoint is always written at the end
   c.keep_checkpoints = 3
   c.compute_dtype = "float32"   # 'bfloat16': activations in bf16, params f32
+  # K > 1 trains K models at once in one vmapped program (seeds folded with the
+  # model index; training subsets from data.membership): shadow and reference
+  # models, ensembles, clients (certjax.training.many).
+  c.num_models = 1
   # Which eval images the evaluators use, as in Cohen et al.'s certify.py:
   # every `skip`-th image, stopping after index `max` (-1: all).
   c.skip = 1
@@ -178,6 +182,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     validation.check_positive(config.num_epochs, "num_epochs")
   validation.check_int_at_least(config.skip, "skip", 1)
   validation.check_int_at_least(config.max, "max", -1)
+  validation.check_int_at_least(config.num_models, "num_models", 1)
+  if is_many_models(config) and len(config.evals or {}):
+    raise ValueError(
+        f"config.evals runs evaluators on one model during training; a run of "
+        f"num_models={config.num_models} (data.membership={config.data.membership!r}) trains "
+        "several: clear config.evals and evaluate the workdir afterwards (python -m "
+        "launch.evaluate).")
   objectives.check_objective_config(config.objective)
   validation.check_choice(config.optimizer.name, "optimizer.name", optim.OPTIMIZERS)
   validation.check_choice(config.optimizer.schedule, "optimizer.schedule", optim.SCHEDULES)
@@ -189,6 +200,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   signing_lib.validate_config(config.signing)
   validation.check_int_at_least(config.provenance.hash_train_examples,
                                 "provenance.hash_train_examples", -1)
+
+
+def is_many_models(config: Any) -> bool:
+  """Whether `config` trains with the many-models trainer (K models or a membership mask)."""
+  data = config.get("data") or {}
+  return int(config.get("num_models", 1)) > 1 or data.get("membership", "all") != "all"
 
 
 SMOKE = "smoke"

@@ -20,9 +20,8 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,37 +37,18 @@ from certjax import parallel
 from certjax import runs
 from certjax.runs import checkpoints as ckpt_lib
 from certjax.runs import provenance as provenance_lib
-from certjax.runs import signing as signing_lib
 from certjax.training import config as config_lib
 from certjax.training import metrics as metrics_lib
 from certjax.training import objectives as objectives_lib
+from certjax.training import many as many_lib
 from certjax.training import optim
-from certjax.types import Array
+from certjax.training import state as state_lib
+from certjax.training.state import TrainState, create_train_state, train_step_fn
 
 # `load_trained` and `build_model` live below both training and evaluation;
 # re-exported here for callers that know them from this module.
 load_trained = runs.load_trained
 build_model = runs.build_model
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a checkpoint holds; a pytree.
-
-  Attributes:
-    step: number of optimizer steps taken.
-    params: the model's parameters.
-    model_state: non-parameter variable collections (e.g. {'batch_stats': ...}).
-    opt_state: the optax optimizer state.
-  """
-  step: Array
-  params: Any
-  model_state: Any
-  opt_state: Any
-
-  @property
-  def variables(self) -> dict[str, Any]:
-    return {"params": self.params, **self.model_state}
 
 
 @dataclasses.dataclass
@@ -90,31 +70,10 @@ def total_train_steps(config: ml_collections.ConfigDict, info: data_lib.DatasetI
   return max(1, int(np.ceil(config.num_epochs * info.num_train / config.batch_size)))
 
 
-def create_train_state(config, model, tx, info, key) -> TrainState:
-  variables = models_lib.init_variables(model, key, (1, *info.image_shape))
-  variables = dict(variables)
-  params = variables.pop("params")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=variables, opt_state=tx.init(params))
-
-
 def make_train_step(loss_fn, tx, mesh):
   """The jitted, data-parallel training step (state donated)."""
-
-  def train_step(state: TrainState, batch: Mapping[str, Array], key: Array):
-    step_key = jax.random.fold_in(key, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, new_model_state)), grads = grad_fn(
-        state.params, state.model_state, batch, step_key, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    new_state = state.replace(step=state.step + 1, params=params,
-                              model_state=new_model_state, opt_state=opt_state)
-    return new_state, metrics
-
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jax.jit(train_step, in_shardings=(repl, sharded, repl),
+  return jax.jit(train_step_fn(loss_fn, tx), in_shardings=(repl, sharded, repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
@@ -215,12 +174,6 @@ class PeriodicEvals:
     return results
 
 
-def _all_finite(tree) -> bool:
-  leaves = jax.tree.leaves(tree)
-  return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
-                                                if jnp.issubdtype(x.dtype, jnp.inexact)]))))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains the configured model, checkpointing to and resuming from `workdir`.
 
@@ -241,6 +194,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   config_lib.validate_config(config)
   config = config_lib.with_defaults(config)
+  if config_lib.is_many_models(config):
+    return many_lib.train_many(config, workdir)
   info = data_lib.get_info(config.data)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh, "batch_size")
@@ -266,15 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # The signing key and the trusted keys (config.signing, the environment,
   # the trust store): a bad key file stops the run before anything is written.
-  signer = signing_lib.policy_from_config(config, sign=True)
-  if signer.require and not signer.key:
-    raise ValueError(
-        "signing.require (or $CERTJAX_REQUIRE_SIGNED) is set but there is no signing key: "
-        "this run's checkpoints could not be restored. Set signing.key or "
-        "$CERTJAX_SIGNING_KEY (python -m launch.sign keygen makes a key).")
-  if not signer.key:
-    logging.info("Checkpoints of this run are written unsigned (no signing.key or "
-                 "$CERTJAX_SIGNING_KEY; python -m launch.sign keygen makes a key).")
+  signer = state_lib.signing_policy(config)
   ckpt_lib.write_config(workdir, config)
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
   # The newest checkpoint is verified against its signature before it is read.
@@ -302,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       process_index=jax.process_index(), process_count=jax.process_count())
 
   def save(state: TrainState, step: int) -> None:
-    if not _all_finite(state.params):
+    if not state_lib.all_finite(state.params):
       raise FloatingPointError(
           f"Parameters contain NaN/Inf at step {step}; not writing a checkpoint, the "
           "existing ones are kept. Lower optimizer.learning_rate or set "

@@ -1,0 +1,410 @@
+"""Many models at once: K models trained by one jitted, vmapped program.
+
+Shadow models for membership inference (Shokri et al. 2017; LiRA trains 16 to
+256 of them), reference models for RMIA, property-inference shadow sets,
+ensembles and simulated federated clients are all K copies of one small
+model, each with its own seed and often its own training subset. Trained one
+after another, each small model leaves the accelerator (and on a CPU, the
+cores) mostly idle; here the K training steps are one program, the step
+function `vmap`ped over a stacked `TrainState` whose every leaf has a leading
+model axis.
+
+What a run does (`train_many(config, workdir)`, reached through
+`train_and_evaluate` whenever `config.num_models > 1` or
+`config.data.membership != 'all'`):
+  * masks: `[K, N]` bool over the train split from `config.data.membership`
+    (`certjax.data.membership`), written to `<workdir>/membership.npy` before
+    the first step and checked against it on resume;
+  * data: the train split is held on the devices as uint8 and each step
+    gathers model k's batch there from indices computed on the host: model
+    k walks through per-epoch permutations of its own members, seeded by
+    (seed, k, epoch), so every batch is a pure function of (seed, k, step)
+    and a resumed run sees exactly the batches of an uninterrupted one;
+    `augment='crop_flip'` crops and flips on the device (keys folded from
+    (seed, k, step));
+  * keys: model k's initialisation and step keys are `fold_in(stream, k)` of
+    the named training streams (`certjax.keys`);
+  * sharding: when K is a multiple of the device count, the model axis is
+    split over the devices (no communication at all: each device trains its
+    own models); otherwise every device holds all models and the batch axis
+    is split;
+  * checkpoints: the stacked `TrainState`, one orbax checkpoint per save,
+    signed like a single model's (`certjax.runs.checkpoints`), restored
+    together by `certjax.runs.restore_models`, whose `.member(k)` is model k
+    as an ordinary `TrainedModel` (its `logits_fn()` for every attack);
+  * `num_epochs` counts passes over each model's own subset (its mean size),
+    so 'random_half' shadow models take as many steps per epoch as their
+    subsets need;
+  * evaluation: every model's clean accuracy on the eval split at the end
+    (logged as the mean, min and max over models; the per-model values in
+    `<workdir>/models_eval.json`).
+
+References:
+  R. Shokri, M. Stronati, C. Song, V. Shmatikov. Membership Inference
+  Attacks Against Machine Learning Models. IEEE S&P 2017.
+  N. Carlini, S. Chien, M. Nasr, S. Song, A. Terzis, F. Tramer. Membership
+  Inference Attacks From First Principles. IEEE S&P 2022.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from certjax import data as data_lib
+from certjax import keys
+from certjax import models as models_lib
+from certjax import parallel
+from certjax import runs
+from certjax.data import membership as membership_lib
+from certjax.runs import checkpoints as ckpt_lib
+from certjax.runs import provenance as provenance_lib
+from certjax.training import metrics as metrics_lib
+from certjax.training import objectives as objectives_lib
+from certjax.training import optim
+from certjax.training import state as state_lib
+
+MODELS_EVAL_FILE = "models_eval.json"
+# Tags of the host-side batch order and the device-side augmentation keys.
+_ORDER_TAG = 0x6D6F_7264
+AUGMENT_STREAM = "training/augment"
+_PADDING = 4
+
+
+@dataclasses.dataclass
+class ManyTrainResult:
+  """What `train_many` returns.
+
+  Attributes:
+    state: the stacked `TrainState` (leading axis: the K models).
+    model: the Flax module shared by all models.
+    info: the data set's `DatasetInfo`.
+    masks: bool [K, N] training masks over the train split.
+    eval_metrics: mean/min/max clean accuracy over models, and the per-model lists.
+    workdir: the workdir.
+  """
+  state: state_lib.TrainState
+  model: Any
+  info: data_lib.DatasetInfo
+  masks: np.ndarray
+  eval_metrics: dict[str, Any]
+  workdir: str
+
+  @property
+  def num_models(self) -> int:
+    return int(self.masks.shape[0])
+
+  def member_variables(self, k: int) -> dict[str, Any]:
+    return jax.device_get(jax.tree.map(lambda a: a[k], self.state.variables))
+
+  def logits_fn(self, k: int = 0):
+    """Model k's pure `logits_fn`."""
+    return models_lib.make_logits_fn(self.model, self.member_variables(k))
+
+
+class MemberOrder:
+  """Batch indices of K models, each walking per-epoch permutations of its own members.
+
+  Model k's stream is the concatenation of permutations of its member
+  indices, epoch e drawn from (seed, k, e); its batch at step s is stream
+  positions [s * B, (s + 1) * B), so no example is dropped at an epoch boundary.
+  """
+
+  def __init__(self, masks: np.ndarray, batch_size: int, seed: int):
+    self.members = [np.flatnonzero(m) for m in np.asarray(masks, bool)]
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    small = [k for k, m in enumerate(self.members) if len(m) < self.batch_size]
+    if small:
+      raise ValueError(
+          f"batch_size={self.batch_size} exceeds the training subset of model(s) "
+          f"{small[:10]} ({min(len(self.members[k]) for k in small)} examples); lower "
+          "batch_size or use a membership design with larger subsets.")
+    self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+  def _permutation(self, k: int, epoch: int) -> np.ndarray:
+    key = (k, epoch)
+    if key not in self._cache:
+      if len(self._cache) > 4 * len(self.members):
+        self._cache.clear()
+      rng = np.random.default_rng([self.seed, k, epoch, _ORDER_TAG])
+      self._cache[key] = self.members[k][rng.permutation(len(self.members[k]))]
+    return self._cache[key]
+
+  def indices(self, step: int) -> np.ndarray:
+    """int32 [K, B]: the train-split indices of every model's batch at `step` (0-based)."""
+    out = np.empty((len(self.members), self.batch_size), np.int32)
+    positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+    for k, members in enumerate(self.members):
+      epochs, offsets = np.divmod(positions, len(members))
+      for epoch in np.unique(epochs):
+        here = epochs == epoch
+        out[k, here] = self._permutation(k, int(epoch))[offsets[here]]
+    return out
+
+
+def crop_flip(key: jax.Array, images: jax.Array, padding: int = _PADDING) -> jax.Array:
+  """Random crop after zero padding, then a random horizontal flip, on the device.
+
+  The same augmentation as `certjax.data.crop_flip` (the CIFAR recipe of He
+  et al. 2016), with offsets and flips drawn from `key`.
+  """
+  n, h, w, c = images.shape
+  offset_key, flip_key = jax.random.split(key)
+  offsets = jax.random.randint(offset_key, (n, 2), 0, 2 * padding + 1)
+  flips = jax.random.bernoulli(flip_key, 0.5, (n,))
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
+      padded, offsets)
+  return jnp.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
+
+
+def model_keys(root: jax.Array, num_models: int) -> jax.Array:
+  """[K] keys: `fold_in(root, k)` for model k."""
+  return jax.vmap(lambda k: jax.random.fold_in(root, k))(jnp.arange(num_models))
+
+
+def _shardings(mesh, num_models: int, batch_size: int):
+  """(state sharding, index sharding): the model axis split when K allows, else the batch."""
+  devices = mesh.devices.size
+  if num_models % devices == 0:
+    return NamedSharding(mesh, P(parallel.DATA_AXIS)), NamedSharding(mesh, P(parallel.DATA_AXIS))
+  parallel.check_batch_size(batch_size, mesh, "batch_size")
+  return parallel.replicated(mesh), NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+
+
+def _global(array: np.ndarray, sharding) -> jax.Array:
+  """A global array from a host array every process holds in full."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def make_many_step(loss_fn, tx, augment: bool, state_sharding, index_sharding, mesh):
+  """The jitted step of K models: gather, augment, vmapped `train_step_fn`.
+
+  `step(state, images_u8, labels, indices [K, B], train_keys [K], augment_keys [K])
+  -> (state, metrics)`, metrics averaged over models plus the worst model's loss.
+  """
+  single = state_lib.train_step_fn(loss_fn, tx)
+
+  def step(state, images_u8, labels, indices, train_keys, augment_keys):
+    x = images_u8[indices].astype(jnp.float32) / jnp.float32(255.0)
+    if augment:
+      x = jax.vmap(lambda key, s, xs: crop_flip(jax.random.fold_in(key, s), xs))(
+          augment_keys, state.step, x)
+    batch = {"image": x, "label": labels[indices]}
+    new_state, metrics = jax.vmap(single)(state, batch, train_keys)
+    summary = {name: jnp.mean(value) for name, value in metrics.items()}
+    summary["loss_worst_model"] = jnp.max(metrics["loss"])
+    return new_state, summary
+
+  repl = parallel.replicated(mesh)
+  return jax.jit(step, in_shardings=(state_sharding, repl, repl, index_sharding, state_sharding,
+                                     state_sharding),
+                 out_shardings=(state_sharding, repl), donate_argnums=(0,))
+
+
+def make_many_logits(model):
+  """`logits(variables [K, ...], x [B, ...]) -> [K, B, C]`, jitted: every model on one batch."""
+  return jax.jit(jax.vmap(lambda v, x: model.apply(v, x, train=False).astype(jnp.float32),
+                          in_axes=(0, None)))
+
+
+def evaluate_models(model, variables, images_u8: np.ndarray, labels: np.ndarray,
+                    batch_size: int) -> dict[str, np.ndarray]:
+  """Per-model clean accuracy and loss on (images, labels): float64 [K] each.
+
+  The last batch is padded to `batch_size` and masked, so one program serves
+  every batch.
+  """
+  logits_all = make_many_logits(model)
+  n = len(labels)
+  correct = loss = 0.0
+  for first in range(0, n, batch_size):
+    rows = np.arange(first, min(first + batch_size, n))
+    pad = batch_size - len(rows)
+    x = data_lib.pipeline.to_float(images_u8[np.concatenate([rows, np.zeros(pad, int)])])
+    y = labels[np.concatenate([rows, np.zeros(pad, int)])]
+    logits = np.asarray(jax.device_get(logits_all(variables, x)), np.float64)[:, :len(rows)]
+    y = y[:len(rows)]
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    correct = correct + (logits.argmax(-1) == y[None]).sum(1)
+    loss = loss - np.take_along_axis(log_probs, y[None, :, None], -1)[..., 0].sum(1)
+  return {"accuracy": np.asarray(correct) / max(n, 1), "loss": np.asarray(loss) / max(n, 1)}
+
+
+def _check_masks_file(workdir: str, masks: np.ndarray) -> None:
+  """Writes the masks (process 0) or checks them against the ones a run saved."""
+  path = membership_lib.masks_path(workdir)
+  if os.path.exists(path):
+    saved = membership_lib.read_masks_file(path)
+    if saved.shape != masks.shape or not np.array_equal(saved, masks):
+      raise ValueError(
+          f"{path} holds other membership masks (shape {saved.shape}) than this config "
+          f"draws ({masks.shape}): the workdir was trained with another seed, num_models or "
+          "data.membership. Use a new --workdir.")
+    return
+  if jax.process_index() == 0:
+    buffer = __import__("io").BytesIO()
+    np.save(buffer, masks, allow_pickle=False)
+    runs.files.atomic_write_bytes(path, buffer.getvalue())
+
+
+def total_many_steps(config: ml_collections.ConfigDict, masks: np.ndarray) -> int:
+  """`num_train_steps`, or `num_epochs` passes over the models' mean subset size."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  mean_size = float(np.asarray(masks, bool).sum(1).mean())
+  return max(1, int(np.ceil(config.num_epochs * mean_size / config.batch_size)))
+
+
+def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResult:
+  """Trains `config.num_models` models at once (module docstring), resuming from `workdir`.
+
+  Args:
+    config: a validated run config with defaults (`train_and_evaluate` calls
+      this for many-models configs).
+    workdir: checkpoints, masks, metrics.
+
+  Returns:
+    A `ManyTrainResult`.
+
+  Raises:
+    ValueError: masks that do not fit the data, a batch larger than a model's
+      subset, or a workdir trained with other masks.
+    FloatingPointError: NaN/Inf loss or parameters (no checkpoint written).
+  """
+  info = data_lib.get_info(config.data)
+  mesh = parallel.make_mesh()
+  num_models = int(config.num_models)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  augment = config.data.augment == "crop_flip"
+  if augment and config.data.image_size:
+    raise ValueError("The many-models trainer augments on the device at the native image "
+                     "size; data.augment='crop_flip' with data.image_size > 0 is not "
+                     "supported there (set data.image_size=0 or data.augment='none').")
+  images_u8, labels = data_lib.load_split_uint8(config.data, config.data.train_split)
+  masks = membership_lib.membership_masks(
+      config.data.membership, num_models, len(labels), int(config.seed),
+      fraction=float(config.data.membership_fraction), path=config.data.membership_file)
+  order = MemberOrder(masks, config.batch_size, int(config.seed))
+  total_steps = total_many_steps(config, masks)
+  state_sharding, index_sharding = _shardings(mesh, num_models, config.batch_size)
+
+  model = runs.build_model(config, info)
+  tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
+  ctx = objectives_lib.ObjectiveContext(
+      apply_fn=model.apply, num_classes=info.num_classes, total_steps=total_steps,
+      input_shape=tuple(info.image_shape))
+  loss_fn = objectives_lib.get_objective(config.objective, ctx)
+
+  init_keys = model_keys(keys.stream_key(int(config.seed), keys.TRAINING_INIT), num_models)
+  train_keys = jax.device_put(
+      model_keys(keys.stream_key(int(config.seed), keys.TRAINING_STEPS), num_models),
+      state_sharding)
+  augment_keys = jax.device_put(
+      model_keys(keys.stream_key(int(config.seed), AUGMENT_STREAM), num_models),
+      state_sharding)
+  create = functools.partial(state_lib.create_train_state, config, model, tx, info)
+  state = jax.jit(jax.vmap(create), out_shardings=state_sharding)(init_keys)
+
+  signer = state_lib.signing_policy(config)
+  ckpt_lib.write_config(workdir, config)
+  _check_masks_file(workdir, masks)
+  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
+  resumed = ckpt_lib.resume(manager, state, signer)
+  if resumed.state is not None:
+    state = jax.device_put(resumed.state, state_sharding)
+    logging.info("Resumed %d models from checkpoint at step %d in %s", num_models,
+                 int(state.step[0]), manager.directory)
+  start_step = int(jax.device_get(state.step)[0])
+  if jax.process_index() == 0:
+    provenance_lib.append_training_entry(workdir, provenance_lib.training_entry(
+        config, workdir, start_step=start_step, total_steps=total_steps,
+        resumed_from=resumed.checkpoint, signing=signer.describe(),
+        hash_train_examples=config.provenance.hash_train_examples))
+  signed: dict[int, str] = {}
+
+  repl = parallel.replicated(mesh)
+  images_dev, labels_dev = _global(images_u8, repl), _global(labels, repl)
+  step_fn = make_many_step(loss_fn, tx, augment, state_sharding, index_sharding, mesh)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+  progress = runs.Progress(total_steps, config.batch_size * num_models, start_step)
+
+  def save(state, step: int) -> None:
+    if not state_lib.all_finite(state.params):
+      raise FloatingPointError(
+          f"Parameters of some of the {num_models} models contain NaN/Inf at step {step}; "
+          "not writing a checkpoint. Lower optimizer.learning_rate or set "
+          "optimizer.grad_clip_norm.")
+    record = ckpt_lib.save_checkpoint(manager, step, state, signer)
+    if record is not None:
+      signed[step] = record["sha256"]
+
+  logging.info("Training %d x %s on %s for %d steps (batch %d per model, %s; masks %s)",
+               num_models, config.model.name, info.name, total_steps, config.batch_size,
+               "model axis over devices" if state_sharding.spec else "batch axis over devices",
+               membership_lib.describe(masks))
+  history = []
+  start_time = time.perf_counter()
+  for step in range(start_step + 1, total_steps + 1):
+    indices = _global(order.indices(step - 1), index_sharding)
+    state, step_metrics = step_fn(state, images_dev, labels_dev, indices, train_keys,
+                                  augment_keys)
+    history.append(step_metrics)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      train_metrics = metrics_lib.mean_metrics(history)
+      history = []
+      if not np.isfinite(train_metrics["loss_worst_model"]):
+        raise FloatingPointError(
+            f"Training loss of some model is {train_metrics['loss_worst_model']} at step "
+            f"{step}; stopping without writing a checkpoint. Lower optimizer.learning_rate.")
+      train_metrics["learning_rate"] = float(schedule(step - 1))
+      rates = progress.update(step)
+      writer.write(step, "train", {**train_metrics, **rates})
+      logging.info("%s", progress.line(step, rates, {
+          "loss": train_metrics["loss"], "acc": train_metrics.get("accuracy", np.nan)}))
+    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+      save(state, step)
+
+  if manager.latest_step() != total_steps:
+    save(state, total_steps)
+  manager.wait_until_finished()
+  if jax.process_index() == 0:
+    provenance_lib.finish_training_entry(workdir, end_step=total_steps, checkpoints=signed)
+  eval_images, eval_labels = data_lib.load_split_uint8(config.data, config.data.eval_split)
+  keep = data_lib.info.capped_eval_size(data_lib.validate_data_config(config.data),
+                                        len(eval_labels))
+  per_model = evaluate_models(model, state.variables, eval_images[:keep], eval_labels[:keep],
+                              config.eval_batch_size)
+  eval_metrics = {
+      "accuracy": float(per_model["accuracy"].mean()),
+      "accuracy_min": float(per_model["accuracy"].min()),
+      "accuracy_max": float(per_model["accuracy"].max()),
+      "loss": float(per_model["loss"].mean()), "num_examples": float(keep),
+      "num_models": float(num_models)}
+  writer.write(total_steps, "eval", eval_metrics)
+  writer.close()
+  if jax.process_index() == 0:
+    runs.atomic_write_json(os.path.join(workdir, MODELS_EVAL_FILE), {
+        "step": total_steps, "split": config.data.eval_split, "num_examples": keep,
+        "accuracy": per_model["accuracy"].tolist(), "loss": per_model["loss"].tolist(),
+        "training_examples": masks.sum(1).tolist()})
+  logging.info("Finished %d steps of %d models in %.1f s; eval accuracy mean %.4f "
+               "(min %.4f, max %.4f) on %d examples", total_steps - start_step, num_models,
+               time.perf_counter() - start_time, eval_metrics["accuracy"],
+               eval_metrics["accuracy_min"], eval_metrics["accuracy_max"], keep)
+  eval_metrics["per_model_accuracy"] = per_model["accuracy"].tolist()
+  return ManyTrainResult(state, model, info, masks, eval_metrics, workdir)
