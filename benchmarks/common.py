@@ -27,7 +27,8 @@ KINDS = ("training",         # train_throughput.py
          "bounds",           # bounds.py
          "smoothing",        # smoothing.py
          "smoothing_peers",  # smoothing_peers.py
-         "scaling")          # scaling.py
+         "scaling",          # scaling.py
+         "many_models")      # many_models.py
 
 
 def versions() -> dict[str, str]:

@@ -218,3 +218,39 @@ def verified_accuracy_comparison(rows: Sequence[Mapping[str, Any]],
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   return fig
+
+
+def _tab20() -> list[Any]:
+  from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
+  return [colormaps["tab20"](i) for i in range(20)]
+
+
+def membership_roc_figure(curves: Mapping[str, Any], *, title: str = ""):
+  """The log-log ROC of membership attacks on one chart, as in the LiRA paper.
+
+  Args:
+    curves: attack name -> (fpr, tpr, auc).
+    title: the chart's title.
+  """
+  fig = _figure(6.0, 5.0)
+  ax = fig.add_subplot(1, 1, 1)
+  floor = 1e-5
+  # Up to 20 distinguishable colours (tab20), then dashes: 11 attacks by default.
+  colours = [f"C{i}" for i in range(10)] if len(curves) <= 10 else [
+      plt_colour for plt_colour in _tab20()]
+  for i, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
+    ax.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), linewidth=1.3,
+            color=colours[i % len(colours)], linestyle="-" if i < len(colours) else "--",
+            label=f"{name} (AUC {auc:.3f})")
+  ax.plot([floor, 1], [floor, 1], color="gray", linestyle="--", linewidth=1, label="chance")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlim(1e-4, 1)
+  ax.set_ylim(1e-4, 1)
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.set_title(title or "membership inference")
+  ax.grid(True, which="major", alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  return fig

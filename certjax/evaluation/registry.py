@@ -113,6 +113,9 @@ class EvalContext:
       None when `apply_fn` already computes in float32.
     resume: continue an interrupted run from its log in `output_dir`.
     verbose: print progress lines.
+    members: for evaluators of many-models runs (`EvaluatorSpec.many_models`):
+      bool [K, len(data.indices)], whether model k trained on each example
+      of `data`; `variables` then has a leading model axis K. None otherwise.
   """
   apply_fn: Callable[..., Any]
   variables: Any
@@ -124,6 +127,7 @@ class EvalContext:
   float32_apply_fn: Callable[..., Any] | None = None
   resume: bool = True
   verbose: bool = True
+  members: Any = None
 
   def logits_fn(self, float32: bool = False) -> LogitsFn:
     """The pure `logits_fn(x)` of the evaluated model."""
@@ -206,6 +210,9 @@ class EvaluatorSpec:
     results_dir: the workdir subdirectory its stand-alone results go to.
     float32: whether it must compute in float32 (bound propagation).
     summary: one line saying what it measures.
+    many_models: whether it evaluates the K models of a many-models run
+      together (membership inference: a target and its shadow models) on the
+      train split their masks refer to, rather than one model on eval images.
   """
   name: str
   section: str
@@ -215,6 +222,7 @@ class EvaluatorSpec:
   results_dir: str
   float32: bool = False
   summary: str = ""
+  many_models: bool = False
 
 
 _REGISTRY: dict[str, EvaluatorSpec] = {}
@@ -223,14 +231,15 @@ _REGISTRY: dict[str, EvaluatorSpec] = {}
 def register_evaluator(name: str, *, section: str, default_config: Callable[[], Any],
                        validate: Callable[[Any, EvalSetup], Any],
                        results_dir: str | None = None, float32: bool = False,
-                       summary: str = "") -> Callable[[Factory], Factory]:
+                       summary: str = "", many_models: bool = False
+                       ) -> Callable[[Factory], Factory]:
   """Decorator registering an evaluator factory under `name` (see `EvaluatorSpec`)."""
 
   def decorate(factory: Factory) -> Factory:
     if name in _REGISTRY and _REGISTRY[name].factory is not factory:
       raise ValueError(f"An evaluator named {name!r} is already registered.")
     _REGISTRY[name] = EvaluatorSpec(name, section, default_config, factory, validate,
-                                    results_dir or section, float32, summary)
+                                    results_dir or section, float32, summary, many_models)
     return factory
 
   return decorate

@@ -15,3 +15,5 @@ parameters and a `key`. Training the shadow models they need is the
 many-models trainer's job (`certjax.training.many`); running them on a
 trained workdir is the 'membership' evaluator's (`certjax.evaluation`).
 """
+
+from certjax.privacy import membership

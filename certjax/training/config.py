@@ -152,6 +152,10 @@ def validate_evals(config: Any) -> dict[str, EvalEntry]:
         raise ValueError(f"{where}.{key} has no meaning during training (the evaluation runs "
                          f"on the current parameters and writes to <workdir>/evals/{name}/); "
                          "remove it.")
+    if evaluation.get_spec(kind).many_models:
+      raise ValueError(f"{where}: evaluator {kind!r} evaluates the models of a many-models "
+                       "run together on a finished workdir; run it after training with "
+                       f"python -m launch.evaluate --evaluator={kind}.")
     settings = evaluation.merged_settings(kind, entry, where)
     evaluation.validate_settings(kind, settings, run_config=config, where=where)
     entries[str(name)] = EvalEntry(kind, every, settings, skip, max_index)

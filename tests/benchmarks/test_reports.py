@@ -22,7 +22,8 @@ REFERENCE_DIR = os.path.join(ROOT, "benchmarks", "reference", "cpu-2core")
 # Which kind each script writes (and the scripts that write no report).
 SCRIPT_KINDS = {"train_throughput.py": "training", "attacks.py": "attacks",
                 "bounds.py": "bounds", "smoothing.py": "smoothing",
-                "smoothing_peers.py": "smoothing_peers", "scaling.py": "scaling"}
+                "smoothing_peers.py": "smoothing_peers", "scaling.py": "scaling",
+                "many_models.py": "many_models"}
 # accelerator_suite.py writes reports of four kinds (checked by
 # test_accelerator_suite.py); accelerator_wheels.py writes none.
 NOT_SCRIPTS = {"__init__.py", "common.py", "reports.py", "accelerator_suite.py",

@@ -1,0 +1,189 @@
+r"""K models trained at once (one vmapped program) against K models trained one by one.
+
+The many-models trainer (`certjax.training.many`) trains shadow, reference and
+ensemble models as one jitted program `vmap`ped over a stacked state. Its
+claim is utilisation: a small model leaves the cores (or an accelerator)
+idle, K of them in one program do not. Measured on the same machine, in one
+process, with the same model, batch and optimizer:
+  * vmapped: steps/s of the K-model step (`many.make_many_step`: on-device
+    gather of each model's batch, objective, gradient, optax update), as
+    images/s = K * batch / t;
+  * loop: K calls of the jitted single-model step (`state.train_step_fn`,
+    what `train_and_evaluate` runs) per round, the same FLOPs;
+  * fwd_bwd_limit: images/s of the vmapped gradient alone (no optimizer, no
+    gather), the raw limit of the same K models;
+  * ratio vmapped / loop (the utilisation gain) and vmapped / fwd_bwd_limit.
+With `--separate_runs R > 0` it also launches R separate single-model
+`launch.train` processes and one `launch.train` of the K-model config, each of
+`--steps` steps, start-up and compilation included (what a user launching
+K runs pays); the K-run wall time is R runs' mean times K, an extrapolation
+that the report labels as such.
+
+    python -m benchmarks.many_models --num_models=16 --out=results/many_models.json
+    python -m benchmarks.many_models --num_models=16 --separate_runs=2 --steps=200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import common
+from certjax import data as data_lib
+from certjax import models as models_lib
+from certjax import parallel
+from certjax.training import many as many_lib
+from certjax.training import objectives
+from certjax.training import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {  # name: (model, kwargs)
+    "mlp256": ("mlp", {"hidden": (256,)}),
+    "ibp_small": ("ibp_small", {}),
+}
+
+
+class _Info:
+  image_shape = (28, 28, 1)
+  num_classes = 10
+
+
+def measure(model_key: str, num_models: int, batch_size: int, repeats: int) -> dict:
+  """In-process figures for K models of `model_key` (module docstring)."""
+  name, kwargs = MODELS[model_key]
+  model = models_lib.get_model(name, num_classes=10, mean=(0.1307,), std=(0.3081,), **kwargs)
+  tx = optax.adam(1e-3)
+  ctx = objectives.ObjectiveContext(model.apply, 10, 1000, _Info.image_shape)
+  loss_fn = objectives.get_objective(objectives.objective_defaults("standard"), ctx)
+  create = lambda key: state_lib.create_train_state(None, model, tx, _Info, key)  # noqa: E731
+  mesh = parallel.make_mesh()
+  state_sharding, index_sharding = many_lib._shardings(mesh, num_models, batch_size)
+  init_keys = many_lib.model_keys(jax.random.key(0), num_models)
+  step_keys = many_lib.model_keys(jax.random.key(1), num_models)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4096, 28, 28, 1), np.uint8)
+  labels = rng.integers(0, 10, 4096).astype(np.int32)
+  indices = rng.integers(0, 4096, (num_models, batch_size)).astype(np.int32)
+
+  many_step = many_lib.make_many_step(loss_fn, tx, False, state_sharding, index_sharding, mesh)
+  stacked = {"state": jax.jit(jax.vmap(create))(init_keys)}
+
+  def vmapped():
+    stacked["state"], metrics = many_step(stacked["state"], images, labels, indices,
+                                          step_keys, step_keys)
+    return metrics
+
+  single_step = jax.jit(state_lib.train_step_fn(loss_fn, tx), donate_argnums=(0,))
+  singles = [create(k) for k in init_keys]
+  batches = [{"image": data_lib.pipeline.to_float(images[i]), "label": labels[i]}
+             for i in indices]
+
+  def loop():
+    out = None
+    for k in range(num_models):
+      singles[k], out = single_step(singles[k], batches[k], step_keys[k])
+    return out
+
+  stacked_batch = {"image": jnp.stack([b["image"] for b in batches]),
+                   "label": jnp.stack([b["label"] for b in batches])}
+  params = jax.vmap(create)(init_keys).params
+
+  def grads_only(params, batch):
+    def one(p, b, key):
+      return jax.grad(lambda q: loss_fn(q, {}, b, key, 0)[0])(p)
+    return jax.vmap(one)(params, batch, step_keys)
+
+  grads_fn = jax.jit(grads_only)
+  seconds, first = common.interleaved_seconds(
+      {"vmapped": vmapped, "loop": loop,
+       "fwd_bwd_limit": lambda: grads_fn(params, stacked_batch)}, repeats)
+  images_per_step = num_models * batch_size
+  ips = {k: images_per_step / v for k, v in seconds.items()}
+  return {
+      "model": model_key, "num_models": num_models, "batch_size": batch_size,
+      "seconds_per_round": seconds, "first_call_seconds": first,
+      "images_per_s": ips,
+      "ratio_vmapped_over_loop": seconds["loop"] / seconds["vmapped"],
+      "ratio_vmapped_over_fwd_bwd_limit": ips["vmapped"] / ips["fwd_bwd_limit"],
+  }
+
+
+def _launch_seconds(overrides: list[str], workdir: str) -> float:
+  command = [sys.executable, "-m", "launch.train", "--config=configs/mnist5k.py",
+             f"--workdir={workdir}", *overrides]
+  start = time.perf_counter()
+  subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+  return time.perf_counter() - start
+
+
+def separate_runs(model_key: str, num_models: int, batch_size: int, steps: int, runs: int,
+                  tmp: str) -> dict:
+  """Wall seconds of launch.train processes: R single runs (extrapolated to K) vs one K run."""
+  name, kwargs = MODELS[model_key]
+  common_overrides = [f"--config.model.name={name}", f"--config.num_train_steps={steps}",
+                      f"--config.batch_size={batch_size}", "--config.checkpoint_every_steps=0",
+                      f"--config.log_every_steps={steps}"]
+  if kwargs.get("hidden"):
+    common_overrides.append(f"--config.model.kwargs.hidden={tuple(kwargs['hidden'])}")
+  single = [_launch_seconds(common_overrides + [f"--config.seed={r}"],
+                            os.path.join(tmp, f"single{r}")) for r in range(runs)]
+  together = _launch_seconds(
+      common_overrides + [f"--config.num_models={num_models}",
+                          "--config.data.membership=random_half"],
+      os.path.join(tmp, "many"))
+  per_run = float(np.mean(single))
+  return {"steps": steps, "measured_single_runs": runs, "single_run_seconds": single,
+          "k_separate_runs_seconds_extrapolated": per_run * num_models,
+          "one_k_model_run_seconds": together,
+          "ratio_separate_over_together": per_run * num_models / together}
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="mlp256,ibp_small")
+  parser.add_argument("--num_models", type=int, default=16)
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--separate_runs", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(argv)
+  rows = []
+  for model_key in args.models.split(","):
+    row = measure(model_key, args.num_models, args.batch_size, args.repeats)
+    print(f"{model_key} K={args.num_models} batch {args.batch_size}: vmapped "
+          f"{row['images_per_s']['vmapped']:.0f} img/s, loop {row['images_per_s']['loop']:.0f} "
+          f"img/s, fwd+bwd limit {row['images_per_s']['fwd_bwd_limit']:.0f} img/s; "
+          f"vmapped/loop {row['ratio_vmapped_over_loop']:.2f}x, vmapped/limit "
+          f"{row['ratio_vmapped_over_fwd_bwd_limit']:.2f}")
+    if args.separate_runs > 0:
+      import tempfile  # pylint: disable=g-import-not-at-top
+      with tempfile.TemporaryDirectory() as tmp:
+        row["launches"] = separate_runs(model_key, args.num_models, args.batch_size,
+                                        args.steps, args.separate_runs, tmp)
+      launches = row["launches"]
+      print(f"  launch.train: {args.num_models} separate runs ~"
+            f"{launches['k_separate_runs_seconds_extrapolated']:.0f} s (extrapolated from "
+            f"{args.separate_runs}), one {args.num_models}-model run "
+            f"{launches['one_k_model_run_seconds']:.0f} s: "
+            f"{launches['ratio_separate_over_together']:.2f}x")
+    rows.append(row)
+  report = {"benchmark": "many models at once vs one at a time", "kind": "many_models",
+            "environment": common.environment(), "load_average": os.getloadavg(),
+            "rows": rows}
+  if args.out:
+    common.write_report(args.out, report)
+  return report
+
+
+if __name__ == "__main__":
+  main()
