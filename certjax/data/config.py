@@ -22,7 +22,7 @@ IDX_NAMES = ("mnist", "fashion_mnist")
 AUGMENTATIONS = ("none", "crop_flip")
 # Which training examples each of `config.num_models` models trains on
 # (`certjax.data.membership`).
-MEMBERSHIPS = ("all", "random_half", "fraction", "disjoint", "file")
+MEMBERSHIPS = ("all", "random_half", "fraction", "disjoint", "file", "property")
 
 _DEFAULTS: dict[str, Any] = {
     "name": EMBEDDED_NAME,
@@ -38,6 +38,9 @@ _DEFAULTS: dict[str, Any] = {
     "membership": "all",
     "membership_fraction": 0.5,
     "membership_file": "",
+    "property_class": -1,
+    "property_fractions": (0.8, 0.2),
+    "property_subset_size": 0,
 }
 
 ACCEPTED_FIELDS = tuple(_DEFAULTS)
@@ -94,6 +97,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     membership_fraction: the share of models each example is in, for
       membership='fraction'; in (0, 1).
     membership_file: the .npy mask for membership='file'.
+    property_class, property_fractions, property_subset_size: for
+      membership='property' (property-inference shadow models): even models
+      train on `property_subset_size` examples (0: half the split) of which
+      a share property_fractions[0] is of class `property_class`, odd models
+      a share property_fractions[1].
   """
   return ml_collections.ConfigDict(dict(_DEFAULTS))
 
@@ -171,6 +179,17 @@ def validate_data_config(data_config: Any) -> ml_collections.FrozenConfigDict:
     raise ValueError("data_config.membership_file must be set exactly when "
                      f"data_config.membership='file' (got membership={cfg['membership']!r}, "
                      f"membership_file={cfg['membership_file']!r}).")
+  if cfg["membership"] == "property":
+    if isinstance(cfg["property_class"], bool) or not isinstance(cfg["property_class"], int) or (
+        cfg["property_class"] < 0):
+      raise ValueError("data_config.membership='property' needs data_config.property_class, "
+                       f"a class label >= 0; got {cfg['property_class']!r}.")
+    fractions = cfg["property_fractions"]
+    if (not isinstance(fractions, (tuple, list)) or len(fractions) != 2 or any(
+        isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1
+        for f in fractions) or fractions[0] == fractions[1]):
+      raise ValueError("data_config.property_fractions must be two different shares in "
+                       f"[0, 1] (with, without the property); got {fractions!r}.")
   if cfg["manual_dir"] and cfg["name"] not in IDX_NAMES:
     raise ValueError(
         f"data_config.manual_dir is only supported for the IDX data sets "

@@ -18,6 +18,10 @@ Designs (`config.data.membership`):
   'disjoint': a random partition into K near-equal shards (federated
     clients, bagging without overlap).
   'file': a bool [K, N] `.npy` written elsewhere.
+  'property': shadow models for property inference (Ganju et al. 2018):
+    even-numbered models get subsets of `property_subset_size` examples of
+    which a share `property_fractions[0]` is of class `property_class`,
+    odd-numbered ones a share `property_fractions[1]` (`property_masks`).
 
 References:
   N. Carlini, S. Chien, M. Nasr, S. Song, A. Terzis, F. Tramer. Membership
@@ -36,10 +40,13 @@ from certjax.validation import check_int_at_least
 
 MASK_FILE = "membership.npy"
 _MASK_TAG = 0x6D65_6D62  # keeps this generator apart from the shuffles'
+_PROPERTY_TAG = 0x7072_6F70
 
 
 def membership_masks(design: str, num_models: int, num_examples: int, seed: int, *,
-                     fraction: float = 0.5, path: str = "") -> np.ndarray:
+                     fraction: float = 0.5, path: str = "", labels: Any = None,
+                     property_class: int = -1, property_fractions: Any = (0.8, 0.2),
+                     property_subset_size: int = 0) -> np.ndarray:
   """The bool [num_models, num_examples] training masks of a design (module docstring).
 
   Args:
@@ -49,6 +56,9 @@ def membership_masks(design: str, num_models: int, num_examples: int, seed: int,
     seed: the run's seed; the masks are a pure function of (design, K, N, seed).
     fraction: the share of models per example, for 'fraction'.
     path: the .npy file, for 'file'.
+    labels: [N] labels of the train split, for 'property'.
+    property_class, property_fractions, property_subset_size: for 'property'
+      (`property_masks`; a subset size 0 means half the split).
 
   Raises:
     ValueError: an unknown design, a mask file of the wrong shape or dtype, or
@@ -82,9 +92,16 @@ def membership_masks(design: str, num_models: int, num_examples: int, seed: int,
       raise ValueError(
           f"data_config.membership_file {path} holds masks of shape {masks.shape}; this run "
           f"needs [num_models, train examples] = ({num_models}, {num_examples}).")
+  elif design == "property":
+    if labels is None or len(labels) != num_examples:
+      raise ValueError("membership='property' needs the train split's labels.")
+    fraction_with, fraction_without = tuple(property_fractions)
+    masks, _ = property_masks(labels, num_models, seed, property_class=property_class,
+                              fraction_with=fraction_with, fraction_without=fraction_without,
+                              subset_size=property_subset_size or num_examples // 2)
   else:
     raise ValueError(f"data_config.membership must be one of 'all', 'random_half', "
-                     f"'fraction', 'disjoint', 'file'; got {design!r}.")
+                     f"'fraction', 'disjoint', 'file', 'property'; got {design!r}.")
   empty = np.flatnonzero(masks.sum(axis=1) == 0)
   if empty.size:
     raise ValueError(f"Model(s) {empty.tolist()[:10]} of the membership masks have no "
@@ -125,3 +142,115 @@ def describe(masks: Any) -> dict[str, Any]:
   return {"num_models": int(masks.shape[0]), "num_examples": int(masks.shape[1]),
           "examples_per_model": [int(per_model.min()), int(per_model.max())],
           "models_per_example": [int(per_example.min()), int(per_example.max())]}
+
+
+def _check_fraction(value: Any, name: str) -> float:
+  if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+      or not 0.0 <= float(value) <= 1.0):
+    raise ValueError(f"{name} must be a number in the closed interval [0, 1], got {value!r}.")
+  return float(value)
+
+
+def _whole_count(fraction: float, subset_size: int, name: str) -> int:
+  count = fraction * subset_size
+  if abs(count - round(count)) > 1e-6:
+    raise ValueError(
+        f"{name} * subset_size must be a whole number of examples; got {fraction!r} * "
+        f"{subset_size} = {count:g}. Choose a fraction that is a multiple of 1/subset_size.")
+  return int(round(count))
+
+
+def property_masks(labels: Any, num_models: int, seed: int, *, property_class: int,
+                   fraction_with: float, fraction_without: float, subset_size: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Training subsets for shadow models with and without a class-fraction property.
+
+  Models 0, 2, 4, ... get the property: exactly `fraction_with * subset_size`
+  examples of `property_class` and the rest from the other classes; models
+  1, 3, 5, ... get `fraction_without * subset_size`. Each model samples both
+  parts without replacement from the pool, independently of the others, from
+  a generator seeded by (seed, model index). Alternating labels mean that
+  splitting the models at any even index keeps (with, without) pairs
+  together and both halves balanced.
+
+  Args:
+    labels: [N] integer class labels of the pool.
+    num_models: K, even and >= 2.
+    seed: the run's seed.
+    property_class: the class whose fraction is the property.
+    fraction_with: fraction of `property_class` in a subset with the
+      property, in [0, 1].
+    fraction_without: the fraction in a subset without it, in [0, 1],
+      different from `fraction_with`.
+    subset_size: examples per model; both fractions times it must be whole
+      numbers.
+
+  Returns:
+    masks: [K, N] bool, the many-models trainer's membership masks.
+    property_labels: [K] int32, 1 for models with the property.
+
+  Raises:
+    ValueError: fractions outside [0, 1] or equal, fractions that do not give
+      whole counts, an odd or too small num_models, or a subset needing more
+      examples of a class (or of the other classes) than the pool has.
+
+  References:
+    K. Ganju, Q. Wang, W. Yang, C. Gunter, N. Borisov. Property Inference
+    Attacks on Fully Connected Neural Networks using Permutation Invariant
+    Representations. CCS 2018.
+  """
+  shape = np.shape(labels)
+  if len(shape) != 1:
+    raise ValueError(f"labels must be a rank-1 array of class labels; got shape {tuple(shape)}.")
+  pool = np.asarray(labels)
+  if not np.issubdtype(pool.dtype, np.integer):
+    raise ValueError(f"labels must hold integer class labels; got dtype {pool.dtype}.")
+  num_models = check_int_at_least(num_models, "num_models", 2)
+  if num_models % 2:
+    raise ValueError(
+        f"num_models must be even (half with, half without the property); got {num_models}.")
+  if isinstance(property_class, bool) or not isinstance(property_class, (int, np.integer)) or (
+      property_class < 0):
+    raise ValueError(f"property_class must be a class label >= 0; got {property_class!r}.")
+  if property_class not in set(pool.tolist()):
+    raise ValueError(f"property_class {property_class} does not occur in the labels "
+                     f"(classes {sorted(set(pool.tolist()))[:20]}).")
+  fraction_with = _check_fraction(fraction_with, "fraction_with")
+  fraction_without = _check_fraction(fraction_without, "fraction_without")
+  if fraction_with == fraction_without:
+    raise ValueError(f"fraction_with and fraction_without must differ for the property to "
+                     f"be observable; both are {fraction_with!r}.")
+  subset_size = check_int_at_least(subset_size, "subset_size", 1)
+  if subset_size > pool.size:
+    raise ValueError(f"subset_size {subset_size} is larger than the pool of {pool.size} examples.")
+  in_class = np.flatnonzero(pool == property_class)
+  out_class = np.flatnonzero(pool != property_class)
+  groups = []
+  for name, fraction in (("fraction_with", fraction_with), ("fraction_without", fraction_without)):
+    num_in = _whole_count(fraction, subset_size, name)
+    num_out = subset_size - num_in
+    if num_in > in_class.size:
+      raise ValueError(
+          f"A subset with {name}={fraction!r} needs {num_in} examples of class "
+          f"{property_class} but the pool has only {in_class.size}; lower subset_size or {name}.")
+    if num_out > out_class.size:
+      raise ValueError(
+          f"A subset with {name}={fraction!r} needs {num_out} examples of other classes "
+          f"but the pool has only {out_class.size}; lower subset_size or raise {name}.")
+    groups.append((num_in, num_out))
+  masks = np.zeros((num_models, pool.size), bool)
+  for model in range(num_models):
+    num_in, num_out = groups[model % 2]
+    rng = np.random.default_rng([int(seed), _MASK_TAG, _PROPERTY_TAG, model])
+    masks[model, rng.choice(in_class, num_in, replace=False)] = True
+    masks[model, rng.choice(out_class, num_out, replace=False)] = True
+  property_labels = (np.arange(num_models) % 2 == 0).astype(np.int32)
+  return masks, property_labels
+
+
+def property_labels_of(masks: Any, labels: Any, property_class: int,
+                       fraction_with: float, fraction_without: float) -> np.ndarray:
+  """[K] int32: 1 where model k's subset is nearer `fraction_with` of `property_class`."""
+  masks = np.asarray(masks, bool)
+  share = (masks & (np.asarray(labels)[None] == property_class)).sum(1) / masks.sum(1)
+  return (np.abs(share - fraction_with) < np.abs(share - fraction_without)).astype(np.int32)

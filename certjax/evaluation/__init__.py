@@ -12,6 +12,8 @@
     accuracy (Cohen et al.'s CERTIFY), Cohen's TSV files.
   membership: 'membership' (section `membership`): membership inference
     (LiRA, RMIA, Shokri, thresholds) on the K models of a many-models run.
+  property: 'property' (section `property`): property inference (Ganju et
+    al. 2018) over the shadow models of a many-models run.
   plots: every picture of a result.
   workdir: `evaluate_workdir(config, workdir, name)` on a trained workdir.
 
@@ -42,6 +44,7 @@ from certjax.evaluation import certified  # pylint: disable=g-bad-import-order
 from certjax.evaluation import common
 from certjax.evaluation import membership
 from certjax.evaluation import plots
+from certjax.evaluation import property  # pylint: disable=redefined-builtin
 from certjax.evaluation import robust
 from certjax.evaluation import verified
 from certjax.evaluation.workdir import evaluate_workdir
@@ -49,6 +52,7 @@ from certjax.evaluation.workdir import evaluate_workdir
 __all__ = [
     "EvalContext", "EvalData", "EvalResult", "EvalSetup", "Evaluator", "EvaluatorSpec",
     "certified", "common", "evaluate_workdir", "evaluator_defaults", "evaluator_names",
-    "get_evaluator", "get_spec", "membership", "merged_settings", "plots", "register_evaluator", "robust",
+    "get_evaluator", "get_spec", "membership", "merged_settings", "plots", "property",
+    "register_evaluator", "robust",
     "validate_settings", "verified",
 ]

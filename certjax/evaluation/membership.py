@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     attacks: the attacks to run, names of `certjax.privacy.membership.ATTACKS`.
     num_targets: T: models 0..T-1 are the target in turn, the other K - 1
       models its shadows; scores are pooled over the T targets.
+    num_shadows: how many of the other models serve as shadows (the first
+      ones after the target, cyclically); 0 = all K - 1. For studying how an
+      attack depends on the number of shadow models from one run.
     augmentations: the queries per example: 'none', 'flip', 'shift' (the
       image and its 4 one-pixel shifts, zero-filled) or 'flip_shift'.
     fprs: the false-positive rates at which TPR is reported, each in (0, 1).
@@ -85,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "attacks": tuple(membership_lib.ATTACKS),
       "num_targets": 1,
+      "num_shadows": 0,
       "augmentations": "none",
       "fprs": (0.001, 0.01),
       "population_split": "",
@@ -104,6 +108,11 @@ def validate_settings(settings: ml_collections.ConfigDict, setup: EvalSetup) -> 
     raise ValueError("membership.attacks must name at least one attack of "
                      f"{tuple(membership_lib.ATTACKS)}.")
   validation.check_int_at_least(settings.num_targets, "membership.num_targets", 1)
+  validation.check_int_at_least(settings.num_shadows, "membership.num_shadows", 0)
+  needed = max(membership_lib.required_shadow_models(a) for a in settings.attacks)
+  if 0 < settings.num_shadows < needed:
+    raise ValueError(f"membership.num_shadows={settings.num_shadows} is fewer than the "
+                     f"{needed} shadow models membership.attacks need.")
   validation.check_choice(settings.augmentations, "membership.augmentations", AUGMENTATIONS)
   for fpr in settings.fprs:
     validation.check_in_open_interval(fpr, "membership.fprs", 0.0, 1.0)
@@ -112,9 +121,11 @@ def validate_settings(settings: ml_collections.ConfigDict, setup: EvalSetup) -> 
   validation.check_int_at_least(settings.seed, "membership.seed", 0)
   validation.check_int_at_least(settings.checkpoint_step, "membership.checkpoint_step", -1)
   run_config = setup.run_config
-  # Only a many-models run is checked here: every config carries this section,
-  # and a single-model run never reaches this evaluator (it has no masks).
-  if run_config is not None and int(run_config.get("num_models", 1)) > 1:
+  # Every config carries this section; only runs trained for membership
+  # inference (random IN/OUT halves or shares) are checked against it here, so
+  # an ensemble of 3 or a property-inference run is not refused for it.
+  if run_config is not None and int(run_config.get("num_models", 1)) > 1 and (
+      run_config.data.get("membership") in ("random_half", "fraction")):
     num_models = int(run_config.num_models)
     needed = max(membership_lib.required_shadow_models(a) for a in settings.attacks)
     if num_models - 1 < needed:
@@ -124,6 +135,9 @@ def validate_settings(settings: ml_collections.ConfigDict, setup: EvalSetup) -> 
     if settings.num_targets > num_models:
       raise ValueError(f"membership.num_targets={settings.num_targets} exceeds the "
                        f"{num_models} models of the run.")
+    if settings.num_shadows > num_models - 1:
+      raise ValueError(f"membership.num_shadows={settings.num_shadows} exceeds the "
+                       f"{num_models - 1} other models of the run.")
 
 
 def augmented_queries(x: np.ndarray, augmentations: str) -> np.ndarray:
@@ -175,7 +189,7 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def score_targets(attacks, logits: np.ndarray, labels: np.ndarray, masks: np.ndarray,
                   num_targets: int, population_logits: np.ndarray | None,
-                  population_labels: np.ndarray | None, seed: int
+                  population_labels: np.ndarray | None, seed: int, num_shadows: int = 0
                   ) -> tuple[dict[str, np.ndarray], np.ndarray, list[dict[str, float]]]:
   """Scores of every attack with models 0..T-1 as the target in turn.
 
@@ -187,6 +201,8 @@ def score_targets(attacks, logits: np.ndarray, labels: np.ndarray, masks: np.nda
     num_targets: T.
     population_logits: [K, Z, A, C] or None; population_labels: [Z] or None.
     seed: Shokri's attack-model seed (folded with the target index).
+    num_shadows: shadows per target: models target+1, target+2, ... (mod K);
+      0 = all K - 1.
 
   Returns:
     (attack -> pooled scores [T * N], pooled membership [T * N], per-target
@@ -196,7 +212,9 @@ def score_targets(attacks, logits: np.ndarray, labels: np.ndarray, masks: np.nda
   members, accuracies = [], []
   num_models = logits.shape[0]
   for target in range(num_targets):
-    shadows = np.array([k for k in range(num_models) if k != target])
+    shadows = (target + 1 + np.arange(num_models - 1)) % num_models
+    if num_shadows:
+      shadows = shadows[:num_shadows]
     inputs = membership_lib.MembershipInputs(
         target_logits=logits[target], labels=labels, shadow_logits=logits[shadows],
         shadow_masks=masks[shadows],
@@ -278,7 +296,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       population_labels = population.load(population.indices)[1]
     scores, is_member, accuracies = score_targets(
         attacks, logits, labels, masks, int(settings.num_targets), population_logits,
-        population_labels, int(settings.seed))
+        population_labels, int(settings.seed), int(settings.num_shadows))
     rows, curves = [], {}
     for attack in attacks:
       summary = membership_lib.summarize(scores[attack], is_member, fprs=tuple(fprs))
@@ -296,8 +314,9 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       metrics[f"{row['attack']}/auc"] = row["auc"]
       for f in fprs:
         metrics[f"{row['attack']}/tpr@{f:g}"] = row["tpr"][str(f)]
+    shadows_each = int(settings.num_shadows) or num_models - 1
     header = (f"Membership inference: {num_models} models ({settings.num_targets} target(s), "
-              f"{num_models - 1} shadows each), {len(ctx.data.indices)} candidates, "
+              f"{shadows_each} shadows each), {len(ctx.data.indices)} candidates, "
               f"{logits.shape[2]} queries each (augmentations: {settings.augmentations}); target train accuracy {100 * train_acc:.2f}%, "
               f"held-out accuracy {100 * heldout_acc:.2f}%.")
     table = results_table(rows, fprs, header)

@@ -254,3 +254,22 @@ def membership_roc_figure(curves: Mapping[str, Any], *, title: str = ""):
   ax.legend(fontsize=7, loc="lower right")
   fig.tight_layout()
   return fig
+
+
+def property_inference_figure(rows: Sequence[Mapping[str, Any]], *, title: str = ""):
+  """Held-out accuracy of each property meta-classifier beside chance (bars)."""
+  fig = _figure(5.5, 3.6)
+  ax = fig.add_subplot(1, 1, 1)
+  done = [r for r in rows if "accuracy" in r]
+  names = [r["kind"] for r in done]
+  ax.bar(names, [r["accuracy"] for r in done], color="C0", label="held-out accuracy")
+  for i, r in enumerate(done):
+    ax.hlines(r["chance"], i - 0.4, i + 0.4, colors="k", linestyles="--",
+              label="chance" if i == 0 else None)
+    ax.text(i, r["accuracy"] + 0.02, f"{100 * r['accuracy']:.0f}%", ha="center", fontsize=8)
+  ax.set_ylim(0, 1.08)
+  ax.set_ylabel("accuracy")
+  ax.set_title(title or "property inference", fontsize=9)
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  return fig

@@ -5,8 +5,9 @@ images, of one demographic group) is not about any one example, yet it shapes
 the trained model. The attack (Ateniese et al. 2015; Ganju et al. 2018):
 
 1. train many shadow models, half on data WITH the property and half WITHOUT
-   (`property_subset_masks` draws the training subsets as [K, N] membership
-   masks for the many-models trainer);
+   (`config.data.membership='property'` draws the training subsets as
+   [K, N] membership masks for the many-models trainer:
+   `certjax.data.membership.property_masks`);
 2. train a binary meta-classifier that predicts the property from each shadow
    model (`train_meta_classifier`), from one of three representations:
    * 'deepsets': Ganju et al.'s permutation-invariant representation of a
@@ -745,108 +746,3 @@ def evaluate_property_inference(key: PRNGKey, train_set: tuple[Any, ArrayLike],
       "num_test": int(num_test),
       "kind": kind,
   }
-
-
-# -------------------------------------------------------------- shadow subsets
-
-
-def _check_fraction(value: Any, name: str) -> float:
-  if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
-      or not 0.0 <= float(value) <= 1.0):
-    raise ValueError(f"{name} must be a number in the closed interval [0, 1], got {value!r}.")
-  return float(value)
-
-
-def _whole_count(fraction: float, subset_size: int, name: str) -> int:
-  count = fraction * subset_size
-  if abs(count - round(count)) > 1e-6:
-    raise ValueError(
-        f"{name} * subset_size must be a whole number of examples; got {fraction!r} * "
-        f"{subset_size} = {count:g}. Choose a fraction that is a multiple of 1/subset_size.")
-  return int(round(count))
-
-
-def property_subset_masks(key: PRNGKey, labels: ArrayLike, num_models: int, *,
-                          property_class: int, fraction_with: float,
-                          fraction_without: float, subset_size: int) -> tuple[Array, Array]:
-  """Training subsets of a pool for shadow models with and without a class-fraction property.
-
-  Models 0, 2, 4, ... get the property: exactly `fraction_with * subset_size`
-  examples of `property_class` and the rest from the other classes; models
-  1, 3, 5, ... get `fraction_without * subset_size`. Each model samples both
-  parts without replacement from the pool, independently of the others, with
-  a NumPy generator seeded by (key data, model index): the draw is a
-  deterministic function of `key` and compiles nothing. Alternating labels
-  mean that splitting the models at any even index keeps (with, without)
-  pairs together and both halves balanced.
-
-  Args:
-    key: sampling key.
-    labels: [N] integer class labels of the pool.
-    num_models: K, even and >= 2.
-    property_class: the class whose fraction is the property.
-    fraction_with: fraction of `property_class` in a subset with the
-      property, in [0, 1].
-    fraction_without: the fraction in a subset without it, in [0, 1],
-      different from `fraction_with`.
-    subset_size: examples per model; both fractions times it must be whole
-      numbers.
-
-  Returns:
-    masks: [K, N] bool, True where the example is in the model's training
-      subset (the many-models trainer's membership mask).
-    property_labels: [K] int32, 1 for models with the property.
-
-  Raises:
-    ValueError: fractions outside [0, 1] or equal, fractions that do not give
-      whole counts, an odd or too small num_models, or a subset needing more
-      examples of a class (or of the other classes) than the pool has.
-
-  References:
-    Ganju et al. 2018 (shadow training sets with and without the
-    property).
-  """
-  shape = np.shape(labels)
-  if len(shape) != 1:
-    raise ValueError(f"labels must be a rank-1 array of class labels; got shape {tuple(shape)}.")
-  pool = np.asarray(labels)
-  if not np.issubdtype(pool.dtype, np.integer):
-    raise ValueError(f"labels must hold integer class labels; got dtype {pool.dtype}.")
-  num_models = check_int_at_least(num_models, "num_models", 2)
-  if num_models % 2:
-    raise ValueError(
-        f"num_models must be even (half with, half without the property); got {num_models}.")
-  if isinstance(property_class, bool) or not isinstance(property_class, (int, np.integer)):
-    raise ValueError(f"property_class must be an integer class label; got {property_class!r}.")
-  fraction_with = _check_fraction(fraction_with, "fraction_with")
-  fraction_without = _check_fraction(fraction_without, "fraction_without")
-  if fraction_with == fraction_without:
-    raise ValueError(f"fraction_with and fraction_without must differ for the property to "
-                     f"be observable; both are {fraction_with!r}.")
-  subset_size = check_int_at_least(subset_size, "subset_size", 1)
-  if subset_size > pool.size:
-    raise ValueError(f"subset_size {subset_size} is larger than the pool of {pool.size} examples.")
-  in_class = np.flatnonzero(pool == property_class)
-  out_class = np.flatnonzero(pool != property_class)
-  groups = []
-  for name, fraction in (("fraction_with", fraction_with), ("fraction_without", fraction_without)):
-    num_in = _whole_count(fraction, subset_size, name)
-    num_out = subset_size - num_in
-    if num_in > in_class.size:
-      raise ValueError(
-          f"A subset with {name}={fraction!r} needs {num_in} examples of class "
-          f"{property_class} but the pool has only {in_class.size}; lower subset_size or {name}.")
-    if num_out > out_class.size:
-      raise ValueError(
-          f"A subset with {name}={fraction!r} needs {num_out} examples of other classes "
-          f"but the pool has only {out_class.size}; lower subset_size or raise {name}.")
-    groups.append((num_in, num_out))
-
-  masks = np.zeros((num_models, pool.size), bool)
-  for model in range(num_models):
-    num_in, num_out = groups[model % 2]
-    rng = _host_rng(key, "property subsets", model)
-    masks[model, rng.choice(in_class, num_in, replace=False)] = True
-    masks[model, rng.choice(out_class, num_out, replace=False)] = True
-  property_labels = (np.arange(num_models) % 2 == 0).astype(np.int32)
-  return jnp.asarray(masks), jnp.asarray(property_labels)

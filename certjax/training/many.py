@@ -298,7 +298,10 @@ def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResu
   images_u8, labels = data_lib.load_split_uint8(config.data, config.data.train_split)
   masks = membership_lib.membership_masks(
       config.data.membership, num_models, len(labels), int(config.seed),
-      fraction=float(config.data.membership_fraction), path=config.data.membership_file)
+      fraction=float(config.data.membership_fraction), path=config.data.membership_file,
+      labels=labels, property_class=int(config.data.property_class),
+      property_fractions=tuple(config.data.property_fractions),
+      property_subset_size=int(config.data.property_subset_size))
   order = MemberOrder(masks, config.batch_size, int(config.seed))
   total_steps = total_many_steps(config, masks)
   state_sharding, index_sharding = _shardings(mesh, num_models, config.batch_size)

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from certjax.privacy import property as prop
+from certjax.data import membership as membership_lib
 
 WIDTHS = (5, 7, 6, 3)  # input, two hidden layers, classes
 
@@ -177,23 +178,23 @@ def test_dense_layers_from_certjax_mlp_and_flax_names():
 # ------------------------------------------------------------ subset masks
 
 
-def test_property_subset_masks_exact_fractions_and_independent_draws():
+def test_property_masks_exact_fractions_and_independent_draws():
   labels = np.repeat(np.arange(4), 30).astype(np.int32)  # 30 of each of 4 classes
   kwargs = dict(property_class=2, fraction_with=0.75, fraction_without=0.25, subset_size=20)
-  masks, plabels = prop.property_subset_masks(jax.random.key(0), labels, 4, **kwargs)
+  masks, plabels = membership_lib.property_masks(labels, 4, 0, **kwargs)
   masks, plabels = np.asarray(masks), np.asarray(plabels)
   assert masks.shape == (4, 120) and masks.dtype == bool
   np.testing.assert_array_equal(plabels, [1, 0, 1, 0])
   np.testing.assert_array_equal(masks.sum(axis=1), 20)
   np.testing.assert_array_equal((masks & (labels == 2)).sum(axis=1), [15, 5, 15, 5])
   assert len({m.tobytes() for m in masks}) == 4  # every model draws its own subset
-  again, _ = prop.property_subset_masks(jax.random.key(0), labels, 4, **kwargs)
+  again, _ = membership_lib.property_masks(labels, 4, 0, **kwargs)
   np.testing.assert_array_equal(np.asarray(again), masks)
-  other, _ = prop.property_subset_masks(jax.random.key(1), labels, 4, **kwargs)
+  other, _ = membership_lib.property_masks(labels, 4, 1, **kwargs)
   assert not np.any(np.all(np.asarray(other) == masks, axis=1))
   # A whole class, or none of it: one side of the draw is empty.
-  every, _ = prop.property_subset_masks(jax.random.key(0), labels, 4, property_class=0,
-                                        fraction_with=1.0, fraction_without=0.0, subset_size=30)
+  every, _ = membership_lib.property_masks(labels, 4, 0, property_class=0,
+                                           fraction_with=1.0, fraction_without=0.0, subset_size=30)
   np.testing.assert_array_equal(np.asarray(every)[0], labels == 0)
 
 
@@ -207,14 +208,14 @@ def test_property_subset_masks_exact_fractions_and_independent_draws():
     (dict(fraction_with=0.33), "whole number of examples"),
     (dict(num_models=5), "num_models must be even"),
 ])
-def test_property_subset_masks_errors(change, message):
+def test_property_masks_errors(change, message):
   labels = np.repeat(np.arange(4), 30).astype(np.int32)
   kwargs = dict(num_models=4, property_class=2, fraction_with=0.75, fraction_without=0.25,
                 subset_size=20)
   kwargs.update(change)
   num_models = kwargs.pop("num_models")
   with pytest.raises(ValueError, match=message):
-    prop.property_subset_masks(jax.random.key(0), labels, num_models, **kwargs)
+    membership_lib.property_masks(labels, num_models, 0, **kwargs)
 
 
 # -------------------------------------------------------------- end to end
@@ -226,8 +227,8 @@ def _train_shadow_models(num_models):
   pool_labels = np.repeat([0, 1], 200).astype(np.int32)
   pool = (rng.normal(size=(400, 2)) + np.where(pool_labels[:, None] == 1, 1.0, -1.0) * [1.0, 0.0])
   pool = pool.astype(np.float32)
-  masks, plabels = prop.property_subset_masks(
-      jax.random.key(0), pool_labels, num_models, property_class=1, fraction_with=0.8,
+  masks, plabels = membership_lib.property_masks(
+      pool_labels, num_models, 0, property_class=1, fraction_with=0.8,
       fraction_without=0.2, subset_size=50)
 
   def apply(params, x):
