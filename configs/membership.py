@@ -83,5 +83,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_train_steps = 60
     config.data.train_split = "train[:1000]" if name == "mnist5k" else config.data.train_split
     config.membership.update({"num_targets": 2, "augmentations": "none",
-                              "population_size": 200, "batch_size": 500})
+                              "population_size": 200, "batch_size": 500,
+                              "label_only_queries": 4})
   return config

@@ -52,6 +52,7 @@ from certjax.evaluation import common
 from certjax.evaluation import plots
 from certjax.evaluation.registry import EvalContext, EvalData, EvalResult, EvalSetup
 from certjax.evaluation.registry import register_evaluator
+from certjax.privacy import extraction
 from certjax.privacy import membership as membership_lib
 from certjax.runs import files
 
@@ -75,6 +76,12 @@ def default_config() -> ml_collections.ConfigDict:
     augmentations: the queries per example: 'none', 'flip', 'shift' (the
       image and its 4 one-pixel shifts, zero-filled) or 'flip_shift'.
     fprs: the false-positive rates at which TPR is reported, each in (0, 1).
+    label_only_queries: > 0 adds the label-only attack (Choquette-Choo et al.
+      2021): each candidate is queried this many times, perturbed, through a
+      query interface that answers with labels only and counts the queries
+      (`certjax.privacy.extraction.QueryInterface(output='label')`); 0 = off.
+    label_only_noise_std, label_only_max_translation: its perturbation
+      (Gaussian noise in pixel units, random shifts of up to this many pixels).
     population_split: RMIA's population (examples no model trained on); ''
       means config.data.eval_split.
     population_size: how many of its first examples to use.
@@ -91,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
       "num_shadows": 0,
       "augmentations": "none",
       "fprs": (0.001, 0.01),
+      "label_only_queries": 16,
+      "label_only_noise_std": 0.1,
+      "label_only_max_translation": 1,
       "population_split": "",
       "population_size": 1000,
       "batch_size": 500,
@@ -117,6 +127,11 @@ def validate_settings(settings: ml_collections.ConfigDict, setup: EvalSetup) -> 
   for fpr in settings.fprs:
     validation.check_in_open_interval(fpr, "membership.fprs", 0.0, 1.0)
   validation.check_int_at_least(settings.population_size, "membership.population_size", 1)
+  validation.check_int_at_least(settings.label_only_queries, "membership.label_only_queries", 0)
+  validation.check_positive(settings.label_only_noise_std, "membership.label_only_noise_std",
+                            allow_zero=True)
+  validation.check_int_at_least(settings.label_only_max_translation,
+                                "membership.label_only_max_translation", 0)
   validation.check_int_at_least(settings.batch_size, "membership.batch_size", 1)
   validation.check_int_at_least(settings.seed, "membership.seed", 0)
   validation.check_int_at_least(settings.checkpoint_step, "membership.checkpoint_step", -1)
@@ -237,6 +252,30 @@ def score_targets(attacks, logits: np.ndarray, labels: np.ndarray, masks: np.nda
           accuracies)
 
 
+def _label_only(ctx: EvalContext, settings: ml_collections.ConfigDict,
+                labels: np.ndarray) -> tuple[np.ndarray, int]:
+  """Label-only scores of targets 0..T-1, pooled, each through a counting label-only victim."""
+  images = np.concatenate([ctx.data.load(ctx.data.indices[p])[0] for p in
+                           common.batches(len(ctx.data.indices), 4096)])
+  apply_fn = jax.jit(lambda v, x: ctx.apply_fn(v, x, train=False))
+  scores, used = [], 0
+  for target in range(int(settings.num_targets)):
+    variables = jax.tree.map(lambda a, t=target: a[t], ctx.variables)
+
+    def logits_fn(x, variables=variables):
+      return np.concatenate([np.asarray(apply_fn(variables, x[p])) for p in
+                             common.batches(len(x), int(settings.batch_size))])
+
+    victim = extraction.QueryInterface(logits_fn, output="label")
+    scores.append(membership_lib.label_only_scores(
+        jax.random.fold_in(jax.random.key(int(settings.seed)), 1000 + target), victim.query,
+        images, labels, num_queries=int(settings.label_only_queries),
+        noise_std=float(settings.label_only_noise_std),
+        max_translation=int(settings.label_only_max_translation)))
+    used += victim.queries_used
+  return np.concatenate(scores).astype(np.float64), used
+
+
 def _attack_settings(attack: str, seed: int, target: int) -> dict[str, Any]:
   if attack == "shokri":
     return {"key": jax.random.fold_in(jax.random.key(seed), target)}
@@ -297,8 +336,11 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     scores, is_member, accuracies = score_targets(
         attacks, logits, labels, masks, int(settings.num_targets), population_logits,
         population_labels, int(settings.seed), int(settings.num_shadows))
+    label_only_queries_used = 0
+    if settings.label_only_queries:
+      scores["label_only"], label_only_queries_used = _label_only(ctx, settings, labels)
     rows, curves = [], {}
-    for attack in attacks:
+    for attack in scores:
       summary = membership_lib.summarize(scores[attack], is_member, fprs=tuple(fprs))
       row = {"attack": attack, "auc": float(summary["auc"]),
              "balanced_accuracy": float(summary["balanced_accuracy"]),
@@ -320,7 +362,11 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
               f"{logits.shape[2]} queries each (augmentations: {settings.augmentations}); target train accuracy {100 * train_acc:.2f}%, "
               f"held-out accuracy {100 * heldout_acc:.2f}%.")
     table = results_table(rows, fprs, header)
+    if label_only_queries_used:
+      table += (f"\nlabel_only: {label_only_queries_used} label-only queries "
+                f"({settings.label_only_queries} per candidate and target).\n")
     payload = {"evaluator": NAME, "settings": settings.to_dict(),
+               "label_only_queries_used": label_only_queries_used,
                "metadata": common.metadata_block(ctx, num_models=num_models),
                "targets": accuracies, "results": rows,
                "num_candidates": int(len(ctx.data.indices)),

@@ -23,7 +23,9 @@ def test_results_files_and_metrics(evaluated):
   assert set(result.artifacts) == {"json", "md", "png", "logits"}
   saved = membership_eval.read_results(workdir)
   attacks = [row["attack"] for row in saved["results"]]
-  assert attacks == list(membership_lib.ATTACKS)
+  assert attacks == [*membership_lib.ATTACKS, "label_only"]
+  # Label-only: 4 counted label queries per candidate and target.
+  assert saved["label_only_queries_used"] == 4 * 1000 * 2
   # 2 targets in turn, 1,000 candidates each: every score pooled once.
   assert saved["num_scored"] == 2000 and 0 < saved["num_members"] < 2000
   for row in saved["results"]:
