@@ -13,9 +13,9 @@ process, with the same model, batch and optimizer:
   * fwd_bwd_limit: images/s of the vmapped gradient alone (no optimizer, no
     gather), the raw limit of the same K models;
   * ratio vmapped / loop (the utilisation gain) and vmapped / fwd_bwd_limit.
-With `--separate_runs R > 0` it also launches R separate single-model
-`launch.train` processes and one `launch.train` of the K-model config, each of
-`--steps` steps, start-up and compilation included (what a user launching
+With `--separate_runs R > 0` it also launches (for mlp256, through
+configs/membership.py) R separate single-model `launch.train` processes and
+one `launch.train` of K models, each of `--steps` steps, start-up and compilation included (what a user launching
 K runs pays); the K-run wall time is R runs' mean times K, an extrapolation
 that the report labels as such.
 
@@ -48,6 +48,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {  # name: (model, kwargs)
     "mlp256": ("mlp", {"hidden": (256,)}),
     "ibp_small": ("ibp_small", {}),
+    # The same CNN with each convolution as one matrix product: vmapped over
+    # models it stays a batched matmul instead of a grouped convolution.
+    "ibp_small_im2col": ("ibp_small", {"conv_impl": "im2col"}),
 }
 
 
@@ -117,31 +120,28 @@ def measure(model_key: str, num_models: int, batch_size: int, repeats: int) -> d
 
 
 def _launch_seconds(overrides: list[str], workdir: str) -> float:
-  command = [sys.executable, "-m", "launch.train", "--config=configs/mnist5k.py",
+  command = [sys.executable, "-m", "launch.train", "--config=configs/membership.py",
              f"--workdir={workdir}", *overrides]
   start = time.perf_counter()
-  subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                 stderr=subprocess.DEVNULL)
+  result = subprocess.run(command, cwd=ROOT, check=False, capture_output=True, text=True)
+  if result.returncode:
+    raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
   return time.perf_counter() - start
 
 
-def separate_runs(model_key: str, num_models: int, batch_size: int, steps: int, runs: int,
-                  tmp: str) -> dict:
-  """Wall seconds of launch.train processes: R single runs (extrapolated to K) vs one K run."""
-  name, kwargs = MODELS[model_key]
-  common_overrides = [f"--config.model.name={name}", f"--config.num_train_steps={steps}",
-                      f"--config.batch_size={batch_size}", "--config.checkpoint_every_steps=0",
-                      f"--config.log_every_steps={steps}"]
-  if kwargs.get("hidden"):
-    common_overrides.append(f"--config.model.kwargs.hidden={tuple(kwargs['hidden'])}")
-  single = [_launch_seconds(common_overrides + [f"--config.seed={r}"],
-                            os.path.join(tmp, f"single{r}")) for r in range(runs)]
-  together = _launch_seconds(
-      common_overrides + [f"--config.num_models={num_models}",
-                          "--config.data.membership=random_half"],
-      os.path.join(tmp, "many"))
+def separate_runs(num_models: int, batch_size: int, steps: int, runs: int, tmp: str) -> dict:
+  """Wall seconds of launch.train processes of configs/membership.py (784-256-10 MLP):
+  R single-model runs (extrapolated to K) against one run of K models."""
+  common_overrides = [f"--config.num_train_steps={steps}", f"--config.batch_size={batch_size}",
+                      "--config.checkpoint_every_steps=0", f"--config.log_every_steps={steps}"]
+  single = [_launch_seconds(common_overrides + [
+      f"--config.seed={r}", "--config.num_models=1", "--config.data.membership=all"],
+      os.path.join(tmp, f"single{r}")) for r in range(runs)]
+  together = _launch_seconds(common_overrides + [f"--config.num_models={num_models}"],
+                             os.path.join(tmp, "many"))
   per_run = float(np.mean(single))
-  return {"steps": steps, "measured_single_runs": runs, "single_run_seconds": single,
+  return {"config": "configs/membership.py (mnist5k, mlp 784-256-10)", "steps": steps,
+          "measured_single_runs": runs, "single_run_seconds": single,
           "k_separate_runs_seconds_extrapolated": per_run * num_models,
           "one_k_model_run_seconds": together,
           "ratio_separate_over_together": per_run * num_models / together}
@@ -149,7 +149,7 @@ def separate_runs(model_key: str, num_models: int, batch_size: int, steps: int, 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default="mlp256,ibp_small")
+  parser.add_argument("--models", default="mlp256,ibp_small,ibp_small_im2col")
   parser.add_argument("--num_models", type=int, default=16)
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=10)
@@ -165,11 +165,11 @@ def main(argv=None) -> dict:
           f"img/s, fwd+bwd limit {row['images_per_s']['fwd_bwd_limit']:.0f} img/s; "
           f"vmapped/loop {row['ratio_vmapped_over_loop']:.2f}x, vmapped/limit "
           f"{row['ratio_vmapped_over_fwd_bwd_limit']:.2f}")
-    if args.separate_runs > 0:
+    if args.separate_runs > 0 and model_key == "mlp256":
       import tempfile  # pylint: disable=g-import-not-at-top
       with tempfile.TemporaryDirectory() as tmp:
-        row["launches"] = separate_runs(model_key, args.num_models, args.batch_size,
-                                        args.steps, args.separate_runs, tmp)
+        row["launches"] = separate_runs(args.num_models, args.batch_size, args.steps,
+                                        args.separate_runs, tmp)
       launches = row["launches"]
       print(f"  launch.train: {args.num_models} separate runs ~"
             f"{launches['k_separate_runs_seconds_extrapolated']:.0f} s (extrapolated from "

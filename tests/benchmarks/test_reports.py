@@ -75,7 +75,7 @@ def test_every_committed_reference_report_is_read_by_its_kind():
       "smoothing_mlp.json": "smoothing", "smoothing_resnet110.json": "smoothing",
       "smoothing_peers_omp_passive.json": "smoothing_peers",
       "smoothing_peers_torch_default.json": "smoothing_peers",
-      "train_throughput.json": "training"}
+      "train_throughput.json": "training", "many_models.json": "many_models"}
   # Every kind has a reference report, so notebook 03 draws every chart.
   assert all(reports.by_kind(found).values())
 
