@@ -12,6 +12,9 @@
     accuracy (Cohen et al.'s CERTIFY), Cohen's TSV files.
   membership: 'membership' (section `membership`): membership inference
     (LiRA, RMIA, Shokri, thresholds) on the K models of a many-models run.
+  inversion: 'inversion' (section `inversion`): class inversion (MI-Face)
+    scored by an independent classifier, and FedSGD gradient inversion (DLG,
+    iDLG, Inverting Gradients) scored by PSNR/SSIM and label recovery.
   property: 'property' (section `property`): property inference (Ganju et
     al. 2018) over the shadow models of a many-models run.
   plots: every picture of a result.
@@ -42,6 +45,7 @@ from certjax.evaluation.registry import validate_settings
 # Imported for their registrations (and as the evaluators' public home).
 from certjax.evaluation import certified  # pylint: disable=g-bad-import-order
 from certjax.evaluation import common
+from certjax.evaluation import inversion
 from certjax.evaluation import membership
 from certjax.evaluation import plots
 from certjax.evaluation import property  # pylint: disable=redefined-builtin
@@ -52,7 +56,7 @@ from certjax.evaluation.workdir import evaluate_workdir
 __all__ = [
     "EvalContext", "EvalData", "EvalResult", "EvalSetup", "Evaluator", "EvaluatorSpec",
     "certified", "common", "evaluate_workdir", "evaluator_defaults", "evaluator_names",
-    "get_evaluator", "get_spec", "membership", "merged_settings", "plots", "property",
+    "get_evaluator", "get_spec", "inversion", "membership", "merged_settings", "plots", "property",
     "register_evaluator", "robust",
     "validate_settings", "verified",
 ]

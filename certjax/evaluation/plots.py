@@ -273,3 +273,45 @@ def property_inference_figure(rows: Sequence[Mapping[str, Any]], *, title: str =
   ax.legend(fontsize=7, loc="lower right")
   fig.tight_layout()
   return fig
+
+
+def inversion_grid_figure(rows: Sequence[tuple[str, Any, Sequence[str]]], *, title: str = "",
+                          max_columns: int = 16):
+  """Images in labelled rows: class inversions, and reconstructions below their originals.
+
+  Args:
+    rows: (label, images [n, H, W, C] in [0, 1], one caption per image) per
+      row, drawn top to bottom; a row shows its first `max_columns` images.
+      One channel is drawn in grey, three as RGB.
+    title: the figure's title.
+    max_columns: the most images drawn per row.
+
+  Returns:
+    The `Figure`.
+  """
+  if not rows:
+    raise ValueError("inversion_grid_figure needs at least one row of images.")
+  columns = min(max(len(images) for _, images, _ in rows), max_columns)
+  fig = _figure(1.1 * columns + 1.4, 1.25 * len(rows) + 0.5)
+  axes = fig.subplots(len(rows), columns, squeeze=False)
+  for r, (label, images, captions) in enumerate(rows):
+    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)  # display only
+    for c in range(columns):
+      ax = axes[r, c]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if c >= min(len(images), max_columns):
+        ax.axis("off")
+        continue
+      image = images[c]
+      if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+      else:
+        ax.imshow(image)
+      if c < len(captions):
+        ax.set_title(captions[c], fontsize=7)
+    axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return fig
