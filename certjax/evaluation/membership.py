@@ -141,12 +141,9 @@ def validate_settings(settings: ml_collections.ConfigDict, setup: EvalSetup) -> 
   # an ensemble of 3 or a property-inference run is not refused for it.
   if run_config is not None and int(run_config.get("num_models", 1)) > 1 and (
       run_config.data.get("membership") in ("random_half", "fraction")):
+    # The shadow models the attacks need are checked when the evaluator runs:
+    # a run of 4 shadow models for the attacks that need few is legitimate.
     num_models = int(run_config.num_models)
-    needed = max(membership_lib.required_shadow_models(a) for a in settings.attacks)
-    if num_models - 1 < needed:
-      raise ValueError(
-          f"membership.attacks {tuple(settings.attacks)} need at least {needed} shadow "
-          f"models, i.e. num_models >= {needed + 1}; this run has num_models={num_models}.")
     if settings.num_targets > num_models:
       raise ValueError(f"membership.num_targets={settings.num_targets} exceeds the "
                        f"{num_models} models of the run.")
@@ -312,9 +309,15 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     masks = np.asarray(ctx.members, bool)
     num_models = masks.shape[0]
     needed = max(membership_lib.required_shadow_models(a) for a in attacks)
-    if num_models - 1 < needed or settings.num_targets > num_models:
-      raise ValueError(f"membership: {num_models} models cannot serve {settings.num_targets} "
-                       f"target(s) with the {needed} shadow models {attacks} need.")
+    if num_models - 1 < needed:
+      short = [a for a in attacks if membership_lib.required_shadow_models(a) > num_models - 1]
+      raise ValueError(
+          f"membership.attacks {tuple(short)} need more shadow models than the "
+          f"{num_models - 1} this run of num_models={num_models} gives a target (at least "
+          f"{needed}); remove them from membership.attacks or train more models.")
+    if settings.num_targets > num_models:
+      raise ValueError(f"membership.num_targets={settings.num_targets} exceeds the "
+                       f"{num_models} models of the run.")
     common.report(ctx, f"membership: logits of {num_models} models on "
                   f"{len(ctx.data.indices)} examples ({settings.augmentations} queries)")
     logits = all_model_logits(ctx.apply_fn, ctx.variables, ctx.data, ctx.data.indices,

@@ -12,7 +12,9 @@ def test_default_config_fields_and_values():
   assert cfg.to_dict() == {
       "name": "mnist5k", "manual_dir": "", "data_dir": "", "download": False,
       "train_split": "train", "eval_split": "test", "augment": "none",
-      "image_size": 0, "num_eval_examples": -1, "split_seed": 0}
+      "image_size": 0, "num_eval_examples": -1, "split_seed": 0, "membership": "all",
+      "membership_fraction": 0.5, "membership_file": "", "property_class": -1,
+      "property_fractions": (0.8, 0.2), "property_subset_size": 0}
   assert tuple(cfg.keys()) == tuple(sorted(data.ACCEPTED_FIELDS))
 
 

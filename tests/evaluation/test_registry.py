@@ -16,9 +16,15 @@ from tests.conftest import smoke_config
 
 
 def test_registry_names_sections_and_settings():
-  assert evaluation.evaluator_names() == ("certified", "robust", "verified")
-  assert {evaluation.get_spec(n).section for n in evaluation.evaluator_names()} == {
-      "attack", "verify", "certify"}
+  names = evaluation.evaluator_names()
+  assert names == tuple(sorted(names))
+  sections = {"robust": "attack", "verified": "verify", "certified": "certify",
+              "membership": "membership", "property": "property"}
+  assert set(sections) <= set(names)
+  for name, section in sections.items():
+    assert evaluation.get_spec(name).section == section
+    # Membership and property inference read the K models of a many-models run.
+    assert evaluation.get_spec(name).many_models == (name in ("membership", "property"))
   assert evaluation.evaluator_defaults("robust").attacks == ("fgsm", "pgd")
   with pytest.raises(ValueError, match="evaluator.*'robustness'.*robust"):
     evaluation.get_spec("robustness")

@@ -164,7 +164,8 @@ def test_03_throughput(tmp_path, monkeypatch):
   # Every kind without a report says so instead of failing.
   text = _all_text(nb)
   assert sorted(s["kinds_found"] + s["kinds_missing"]) == sorted(
-      ["attacks", "bounds", "scaling", "smoothing", "smoothing_peers", "training"])
+      ["attacks", "bounds", "many_models", "scaling", "smoothing", "smoothing_peers",
+       "training"])
   for kind in s["kinds_missing"]:
     label = {"smoothing_peers": "smoothing peers (ART)"}.get(kind, kind)
     assert f"No {label} report" in text
