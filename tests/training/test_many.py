@@ -164,3 +164,35 @@ def test_resume_is_exact_and_masks_are_checked(many_run, tmp_path):
   assert steps == [20, 40]
   with pytest.raises(ValueError, match="other membership masks"):
     train_lib.train_and_evaluate(many_config(seed=1), workdir)
+
+
+_SHARDED_SCRIPT = """
+import json, sys, tempfile
+import jax, numpy as np
+from certjax.training import train as train_lib
+from tests.training.test_many import many_config
+out = {}
+for k in (4, 3):   # 4 models: the model axis split over 2 devices; 3: the batch axis
+  with tempfile.TemporaryDirectory() as workdir:
+    result = train_lib.train_and_evaluate(
+        many_config(num_models=k, num_train_steps=10, checkpoint_every_steps=0), workdir)
+    out[k] = [float(np.abs(np.asarray(leaf, np.float64)).sum())
+              for leaf in jax.tree.leaves(jax.device_get(result.state.params))]
+print("RESULT " + json.dumps({"devices": jax.device_count(), "sums": out}))
+"""
+
+
+def test_two_devices_train_the_same_models(tmp_path):
+  from tests._subprocess import run_on_cpu_devices  # pylint: disable=import-outside-toplevel
+  proc = run_on_cpu_devices(_SHARDED_SCRIPT, 2)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  result = __import__("json").loads(line[len("RESULT "):])
+  assert result["devices"] == 2
+  for k in (4, 3):
+    here = train_lib.train_and_evaluate(
+        many_config(num_models=k, num_train_steps=10, checkpoint_every_steps=0),
+        str(tmp_path / str(k)))
+    sums = [float(np.abs(np.asarray(leaf, np.float64)).sum())
+            for leaf in jax.tree.leaves(jax.device_get(here.state.params))]
+    np.testing.assert_allclose(result["sums"][str(k)], sums, rtol=1e-5)
