@@ -21,7 +21,12 @@ Commands:
     python -m launch.train --config=configs/property.py:fashion_mnist --workdir=/tmp/certjax/property_fmnist
     python -m launch.evaluate --evaluator=property --config=configs/property.py:fashion_mnist --workdir=/tmp/certjax/property_fmnist
 
-Expected results and runtimes: see the closing note of issue 12.
+Measured (Fashion-MNIST, seed 0, 2026-12-03, 2 CPU cores under load 3):
+128 models of 200 steps in 43 s of training (62 s wall), 79.9% mean test
+accuracy; the evaluation (64 meta-training, 64 held-out models, 1,000 AdamW
+steps) in 108 s: held-out accuracy 93.8% from the outputs on 100 fixed
+queries (AUC 0.98), 64.1% from the DeepSets representation of the
+parameters (AUC 0.65), 54.7% from sorted neurons (AUC 0.50); chance 50%.
 """
 
 import ml_collections
