@@ -368,17 +368,10 @@ def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResu
                                   augment_keys)
     history.append(step_metrics)
     if step % config.log_every_steps == 0 or step == total_steps:
-      train_metrics = metrics_lib.mean_metrics(history)
+      metrics_lib.log_training_interval(writer, progress, step, history,
+                                        float(schedule(step - 1)),
+                                        worst_loss_key="loss_worst_model")
       history = []
-      if not np.isfinite(train_metrics["loss_worst_model"]):
-        raise FloatingPointError(
-            f"Training loss of some model is {train_metrics['loss_worst_model']} at step "
-            f"{step}; stopping without writing a checkpoint. Lower optimizer.learning_rate.")
-      train_metrics["learning_rate"] = float(schedule(step - 1))
-      rates = progress.update(step)
-      writer.write(step, "train", {**train_metrics, **rates})
-      logging.info("%s", progress.line(step, rates, {
-          "loss": train_metrics["loss"], "acc": train_metrics.get("accuracy", np.nan)}))
     if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       save(state, step)
 

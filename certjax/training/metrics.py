@@ -104,3 +104,32 @@ def mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
     return {}
   fetched = jax.device_get(history)
   return {k: float(np.mean([h[k] for h in fetched])) for k in fetched[0]}
+
+
+def log_training_interval(writer: MetricWriter, progress, step: int, history: list,
+                          learning_rate: float, worst_loss_key: str = "loss") -> None:
+  """Averages and logs the metrics of one logging interval (a line, metrics.jsonl, TensorBoard).
+
+  Args:
+    writer: the run's `MetricWriter`.
+    progress: the run's `runs.Progress`.
+    step: the step just taken.
+    history: the interval's per-step metric dicts (device arrays), consumed.
+    learning_rate: the schedule's rate at this step.
+    worst_loss_key: the metric whose non-finite value stops the run ('loss';
+      the many-models trainer passes its worst model's loss).
+
+  Raises:
+    FloatingPointError: a NaN/Inf loss; the caller writes no checkpoint.
+  """
+  train_metrics = mean_metrics(history)
+  if not np.isfinite(train_metrics[worst_loss_key]):
+    raise FloatingPointError(
+        f"Training {worst_loss_key.replace('_', ' ')} is {train_metrics[worst_loss_key]} at "
+        f"step {step}; stopping without writing a checkpoint (existing ones are kept). Lower "
+        "optimizer.learning_rate or set optimizer.grad_clip_norm.")
+  train_metrics["learning_rate"] = float(learning_rate)
+  rates = progress.update(step)
+  writer.write(step, "train", {**train_metrics, **rates})
+  logging.info("%s", progress.line(step, rates, {
+      "loss": train_metrics["loss"], "acc": train_metrics.get("accuracy", np.nan)}))

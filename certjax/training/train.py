@@ -269,18 +269,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state, step_metrics = train_step(state, batch, train_key)
     history.append(step_metrics)
     if step % config.log_every_steps == 0 or step == total_steps:
-      train_metrics = metrics_lib.mean_metrics(history)
+      metrics_lib.log_training_interval(writer, progress, step, history,
+                                        float(schedule(step - 1)))
       history = []
-      if not np.isfinite(train_metrics["loss"]):
-        raise FloatingPointError(
-            f"Training loss is {train_metrics['loss']} at step {step}; stopping without "
-            "writing a checkpoint (existing ones are kept). Lower "
-            "optimizer.learning_rate or set optimizer.grad_clip_norm.")
-      train_metrics["learning_rate"] = float(schedule(step - 1))
-      rates = progress.update(step)
-      writer.write(step, "train", {**train_metrics, **rates})
-      logging.info("%s", progress.line(step, rates, {
-          "loss": train_metrics["loss"], "acc": train_metrics.get("accuracy", np.nan)}))
     if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       save(state, step)
     if (config.eval_every_steps and step % config.eval_every_steps == 0
