@@ -27,7 +27,7 @@ Commands (Fashion-MNIST, 32 models):
     python -m launch.train --config=configs/membership.py:fashion_mnist --workdir=/tmp/certjax/mia_fmnist
     python -m launch.evaluate --evaluator=membership --config=configs/membership.py:fashion_mnist --workdir=/tmp/certjax/mia_fmnist
 
-Measured (Fashion-MNIST, seed 0, 2026-12-03, 2 CPU cores under load 3-5 from
+Expected result (measured on Fashion-MNIST, seed 0, 2026-12-03, 2 CPU cores under load 3-5 from
 other jobs): 32 models of 2,344 steps (60 epochs of ~5,000 images each) in
 459 s of training (7m53s wall with start-up and compilation); every model
 100% on its own training images, 84.7% mean test accuracy (84.2-85.3%).

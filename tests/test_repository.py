@@ -38,3 +38,13 @@ def test_every_config_is_valid_and_documented(name):
   assert "python -m launch." in module.__doc__ and "Expected result" in module.__doc__
   config = module.get_config()
   config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("name, arg", [
+    (name, arg) for name in ("membership", "property")
+    for arg in sorted(importlib.import_module(f"configs.{name}").DATA)])
+def test_every_data_set_of_the_privacy_configs_is_valid(name, arg):
+  from certjax.training import config as config_lib
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  config_lib.validate_config(config)
+  assert config.num_models > 1 and config.data.membership != "all"
