@@ -68,6 +68,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from typing import Any
@@ -365,7 +366,7 @@ def _invert_fn(model_apply: Any, image_shape: tuple[int, ...],
 
 def _attack_fn(attack: str, model_apply: Any, batch_shape: tuple[int, ...],
                settings: ml_collections.ConfigDict):
-  """jit(vmap(attack)) over batches: (keys [N], variables, grads [N, ...], labels [N, B])."""
+  """The attack over N batches: (keys [N], variables, grads [N, ...], labels [N, B]) -> results."""
 
   def one(key, variables, grads, labels):
     apply_fn = _apply_fn_of(model_apply, variables)
@@ -382,7 +383,16 @@ def _attack_fn(attack: str, model_apply: Any, batch_shape: tuple[int, ...],
         num_steps=int(settings.dlg_num_steps), optimizer=settings.dlg_optimizer,
         step_size=step_size)
 
-  return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)))
+  if attack == "inverting_gradients":
+    return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)))
+
+  def in_turn(batch_keys, variables, grads, labels):
+    # L-BFGS's line search is a while loop: under vmap every batch would step
+    # until the slowest one's search ends (measured 7x slower than in turn).
+    return jax.lax.map(lambda args: one(args[0], variables, args[1], args[2]),
+                       (batch_keys, grads, labels))
+
+  return jax.jit(in_turn)
 
 
 def _gradients_fn(model_apply: Any, batch_size: int, method: str | None):
@@ -449,6 +459,174 @@ def gradient_table(rows: list[dict[str, Any]], header: str) -> str:
 # ------------------------------------------------------------------ the evaluator
 
 
+@dataclasses.dataclass
+class _Report:
+  """What the two parts of an evaluation add to its result: metrics, JSON, tables, images."""
+  metrics: dict[str, float]
+  payload: dict[str, Any]
+  tables: list[str]
+  figure_rows: list[tuple[str, np.ndarray, list[str]]] = dataclasses.field(default_factory=list)
+  arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """The evaluated model, its compiled programs and the selected images."""
+  model_apply: Any
+  variables: Any
+  programs: _Programs
+  x: np.ndarray
+  y: np.ndarray
+  indices: np.ndarray
+  batch_size: int
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return tuple(int(d) for d in self.x.shape[1:])
+
+  def probabilities(self, x: np.ndarray) -> np.ndarray:
+    fn = self.programs.get("probabilities", self.model_apply,
+                           lambda: _probabilities_fn(self.model_apply))
+    return _classify(fn, self.variables, x, self.batch_size)
+
+
+def _class_inversion(ctx: EvalContext, settings: ml_collections.ConfigDict, target: _Target,
+                     evaluator: EvaluationClassifier | None, report: _Report) -> None:
+  """Inverts the classes of `settings.classes` and scores the inversions."""
+  classes = np.asarray(tuple(settings.classes) or range(ctx.num_classes), np.int32)
+  common.report(ctx, f"inversion: inverting {len(classes)} classes "
+                f"({settings.num_steps} steps at most)")
+  shape = target.image_shape
+  invert = target.programs.get(("invert", shape), target.model_apply,
+                               lambda: _invert_fn(target.model_apply, shape, settings))
+  images, info = invert(keys.stream_key(int(settings.seed), "inversion/class"), target.variables,
+                        classes)
+  images = np.asarray(images)
+  target_probs = target.probabilities(images)
+  rows = [{"class": int(c), "target_probability": float(info.probability[i]),
+           "target_prediction": int(target_probs[i].argmax()),
+           "cost": float(info.cost[i]), "num_steps": int(info.num_steps[i])}
+          for i, c in enumerate(classes)]
+  summary: dict[str, Any] = {
+      "independent": evaluator is not None,
+      "target_confidence": _mean([r["target_probability"] for r in rows]),
+      "target_accuracy": _mean([float(r["target_prediction"] == r["class"]) for r in rows])}
+  report.metrics["class_inversion/target_confidence"] = summary["target_confidence"]
+  report.metrics["class_inversion/target_accuracy"] = summary["target_accuracy"]
+  captions = [f"{c}" for c in classes]
+  if evaluator is not None:
+    trained = evaluator.load()
+    eval_variables = jax.device_get(trained.variables)
+    _check_evaluation_model(
+        lambda x: trained.model.apply(eval_variables, x, train=False),
+        evaluator.workdir, shape, ctx.num_classes)
+    eval_fn = target.programs.get("eval_probabilities", trained.model.apply,
+                                  lambda: _probabilities_fn(trained.model.apply))
+    eval_real = _classify(eval_fn, eval_variables, target.x, target.batch_size)
+    eval_probs = _classify(eval_fn, eval_variables, images, target.batch_size)
+    for i, r in enumerate(rows):
+      r["eval_prediction"] = int(eval_probs[i].argmax())
+      r["eval_probability"] = float(eval_probs[i, r["class"]])
+    summary.update({
+        "evaluation_workdir": evaluator.workdir,
+        "evaluation_model": trained.config.model.name,
+        "evaluation_step": int(trained.step),
+        "evaluation_real_accuracy": float(np.mean(eval_real.argmax(-1) == target.y)),
+        "num_real_images": len(target.y),
+        "eval_accuracy": _mean([float(r["eval_prediction"] == r["class"]) for r in rows]),
+        "eval_confidence": _mean([r["eval_probability"] for r in rows])})
+    report.metrics["class_inversion/eval_accuracy"] = summary["eval_accuracy"]
+    report.metrics["class_inversion/eval_confidence"] = summary["eval_confidence"]
+    report.metrics["eval_classifier/accuracy"] = summary["evaluation_real_accuracy"]
+    captions = [f"{r['class']}: eval {r['eval_prediction']}" for r in rows]
+  report.payload["class_inversion"] = {"summary": summary, "classes": rows}
+  report.tables.append(class_table(rows, summary, evaluator is not None))
+  report.figure_rows.append(("class inversion", images, captions))
+  report.arrays["class_inversions"] = images
+  report.arrays["classes"] = classes
+
+
+def _score_batches(reconstructions: np.ndarray, x: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Matches each batch's reconstructions to its images; (matched, order, PSNR, SSIM) [N, B...]."""
+  matched, orders, psnrs, ssims = [], [], [], []
+  for recon, true in zip(reconstructions, x):
+    images, order = inversion_lib.match_reconstructions(recon, true)
+    matched.append(np.asarray(images))
+    orders.append(np.asarray(order))
+    psnrs.append(np.asarray(inversion_lib.psnr(images, true), np.float64))
+    ssims.append(np.asarray(inversion_lib.ssim(images, true), np.float64))
+  return np.stack(matched), np.stack(orders), np.stack(psnrs), np.stack(ssims)
+
+
+def _gradient_inversion(ctx: EvalContext, settings: ml_collections.ConfigDict, target: _Target,
+                        report: _Report) -> None:
+  """Attacks the FedSGD gradients of `num_batches` batches of each batch size."""
+  num_batches = int(settings.num_batches)
+  method = None if settings.label_method == "auto" else settings.label_method
+  rows, details = [], []
+  for size in (int(s) for s in settings.gradient_batch_sizes):
+    count = size * num_batches
+    x = target.x[:count].reshape(num_batches, size, *target.image_shape)
+    y = target.y[:count].reshape(num_batches, size)
+    indices = target.indices[:count].reshape(num_batches, size)
+    common.report(ctx, f"inversion: {num_batches} FedSGD gradient(s) of batch size {size}")
+    gradients = target.programs.get(("gradients", size), target.model_apply,
+                                    lambda s=size: _gradients_fn(target.model_apply, s, method))
+    grads, recovered = gradients(target.variables, x, y)
+    recovered = np.asarray(recovered)
+    recovery = np.asarray(inversion_lib.label_recovery_rate(recovered, y), np.float64)
+    report.metrics[f"labels/b{size}/recovery_rate"] = float(recovery.mean())
+    given = y if settings.label_source == "true" else recovered
+    report.figure_rows.append((f"B={size} original", x[0], [f"y={int(v)}" for v in y[0]]))
+    report.arrays.update({f"b{size}/originals": x, f"b{size}/labels": y,
+                          f"b{size}/recovered_labels": recovered})
+    for attack in settings.gradient_attacks:
+      common.report(ctx, f"inversion: {attack} at batch size {size}")
+      root = jax.random.fold_in(keys.stream_key(int(settings.seed), f"inversion/{attack}"), size)
+      batch_keys = jax.vmap(lambda j, root=root: jax.random.fold_in(root, j))(
+          jnp.arange(num_batches))
+      attack_fn = target.programs.get(
+          (attack, size, target.image_shape), target.model_apply,
+          lambda a=attack, s=size: _attack_fn(a, target.model_apply,
+                                              (s, *target.image_shape), settings))
+      result = attack_fn(batch_keys, target.variables, grads, jnp.asarray(given, jnp.int32))
+      attack_labels = np.asarray(result.labels)
+      matched, orders, psnrs, ssims = _score_batches(np.asarray(result.images), x)
+      if attack == "dlg_joint":
+        # The original DLG recovers labels itself: the argmax of its soft labels.
+        label_rates = np.asarray(inversion_lib.label_recovery_rate(attack_labels, y), np.float64)
+        labels_used = "jointly optimised"
+      else:
+        label_rates, labels_used = recovery, settings.label_source
+      row = {"batch_size": size, "attack": attack, "psnr": _mean(psnrs.ravel()),
+             "psnr_median": float(np.median(psnrs)), "ssim": _mean(ssims.ravel()),
+             "labels_used": labels_used, "label_recovery": float(label_rates.mean())}
+      rows.append(row)
+      details.append({"batch_size": size, "attack": attack, "batches": [{
+          "batch": j, "indices": indices[j].tolist(), "labels": y[j].tolist(),
+          "recovered_labels": recovered[j].tolist(), "attack_labels": attack_labels[j].tolist(),
+          "label_recovery": float(label_rates[j]), "order": orders[j].tolist(),
+          "psnr": psnrs[j].tolist(), "ssim": ssims[j].tolist(),
+          "matching_loss": float(result.matching_loss[j])} for j in range(num_batches)]})
+      report.metrics[f"{attack}/b{size}/psnr"] = row["psnr"]
+      report.metrics[f"{attack}/b{size}/ssim"] = row["ssim"]
+      if attack == "dlg_joint":
+        report.metrics[f"{attack}/b{size}/label_recovery"] = row["label_recovery"]
+      report.figure_rows.append((f"B={size} {attack}", matched[0],
+                                 [f"{p:.1f} dB" for p in psnrs[0]]))
+      report.arrays[f"b{size}/{attack}"] = matched
+  label_desc = {"auto": "iDLG (B = 1) / LLG (B > 1)"}.get(settings.label_method,
+                                                           settings.label_method)
+  header = (f"Gradient inversion of FedSGD gradients (batch-mean cross-entropy at checkpoint "
+            f"step {ctx.step}, train=False): {num_batches} batch(es) per size; labels recovered "
+            f"from the head's gradient with {label_desc}; '{settings.label_source}' labels "
+            "given to dlg and inverting_gradients. PSNR and SSIM per image after Hungarian "
+            "matching, averaged.")
+  report.payload["gradient_inversion"] = {"summary": rows, "details": details}
+  report.tables.append(gradient_table(rows, header))
+
+
 @register_evaluator(NAME, section=SECTION, default_config=default_config,
                     validate=validate_settings, float32=True,
                     summary="model inversion (MI-Face) and FedSGD gradient inversion "
@@ -463,7 +641,6 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
   attacks = tuple(settings.gradient_attacks)
   sizes = tuple(int(s) for s in settings.gradient_batch_sizes)
   num_batches = int(settings.num_batches)
-  batch_size = int(settings.batch_size)
   programs = _Programs()
 
   def evaluate(ctx: EvalContext) -> EvalResult:
@@ -472,185 +649,53 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       raise ValueError(f"inversion.evaluation_workdir {evaluator.workdir} is the workdir under "
                        "evaluation: the evaluation classifier must be independent of the "
                        "target (train another model).")
-    model_apply = ctx.float32_apply_fn or ctx.apply_fn
     variables = jax.device_get(ctx.variables)
     if "params" not in variables:
       raise ValueError("The 'inversion' evaluator needs a Flax model's variables "
                        "({'params': ...}); a plain logits_fn has no parameters to take a "
                        "gradient of.")
     head = variables["params"].get(HEAD)
-    if attacks and not (hasattr(head, "get") and head.get("kernel") is not None
-                        and np.ndim(head["kernel"]) == 2):
+    if attacks and not (hasattr(head, "get") and np.ndim(head.get("kernel")) == 2):
       raise ValueError(f"inversion: gradient inversion reads labels off the final dense "
                        f"layer's kernel, params['{HEAD}']['kernel'] (every certjax model's "
                        f"head); this model's params hold {sorted(variables['params'])}.")
-    if not len(ctx.data.indices):
-      raise ValueError("inversion: the selection of images is empty (config.skip / config.max).")
-    x_all, y_all = _load_selection(ctx, batch_size)
-    target_probabilities = programs.get("probabilities", model_apply,
-                                        lambda: _probabilities_fn(model_apply))
-    image_shape = tuple(int(d) for d in x_all.shape[1:])
-    needed = max(sizes, default=0) * num_batches if attacks else 0
-    if needed > len(x_all):
-      raise ValueError(f"inversion: {num_batches} batches of {max(sizes)} images need "
-                       f"{needed} images; the selection has {len(x_all)}.")
-    target_real = _classify(target_probabilities, variables, x_all, batch_size)
-    metrics = {"target/accuracy": float(np.mean(target_real.argmax(-1) == y_all))}
-    payload: dict[str, Any] = {"evaluator": NAME, "settings": settings.to_dict()}
-    figure_rows: list[tuple[str, np.ndarray, list[str]]] = []
-    arrays: dict[str, np.ndarray] = {}
-    tables = [(f"Model inversion of {ctx.metadata.get('model', 'the model')} on "
-               f"{ctx.data.name} {ctx.data.split}, checkpoint step {ctx.step} (target accuracy "
-               f"{100 * metrics['target/accuracy']:.2f}% on the {len(x_all)} selected images)."),
-              ""]
-
+    needed = max(sizes, default=0) * num_batches if attacks else 1
+    if needed > len(ctx.data.indices):
+      raise ValueError(f"inversion: the selection holds {len(ctx.data.indices)} images; "
+                       f"{num_batches} batches of {max(sizes, default=1)} need {needed} "
+                       "(config.skip / config.max).")
+    x, y = _load_selection(ctx, int(settings.batch_size))
+    target = _Target(ctx.float32_apply_fn or ctx.apply_fn, variables, programs, x, y,
+                     np.asarray(ctx.data.indices), int(settings.batch_size))
+    accuracy = float(np.mean(target.probabilities(x).argmax(-1) == y))
+    report = _Report(
+        metrics={"target/accuracy": accuracy},
+        payload={"evaluator": NAME, "settings": settings.to_dict()},
+        tables=[(f"Model inversion of {ctx.metadata.get('model', 'the model')} on "
+                 f"{ctx.data.name} {ctx.data.split}, checkpoint step {ctx.step} (target "
+                 f"accuracy {100 * accuracy:.2f}% on the {len(y)} selected images)."), ""])
     if settings.class_inversion:
-      classes = np.asarray(tuple(settings.classes) or range(ctx.num_classes), np.int32)
-      if classes.max() >= ctx.num_classes:
-        raise ValueError(f"inversion.classes holds class {int(classes.max())}, but the model "
-                         f"has {ctx.num_classes} classes.")
-      common.report(ctx, f"inversion: inverting {len(classes)} classes "
-                    f"({settings.num_steps} steps at most)")
-      invert = programs.get(("invert", image_shape), model_apply,
-                            lambda: _invert_fn(model_apply, image_shape, settings))
-      images, info = invert(keys.stream_key(int(settings.seed), "inversion/class"), variables,
-                            classes)
-      images = np.asarray(images)
-      target_probs = _classify(target_probabilities, variables, images, batch_size)
-      rows = [{"class": int(c), "target_probability": float(info.probability[i]),
-               "target_prediction": int(target_probs[i].argmax()),
-               "cost": float(info.cost[i]), "num_steps": int(info.num_steps[i])}
-              for i, c in enumerate(classes)]
-      summary: dict[str, Any] = {
-          "independent": evaluator is not None,
-          "target_confidence": _mean([r["target_probability"] for r in rows]),
-          "target_accuracy": _mean([float(r["target_prediction"] == r["class"]) for r in rows])}
-      metrics["class_inversion/target_confidence"] = summary["target_confidence"]
-      metrics["class_inversion/target_accuracy"] = summary["target_accuracy"]
-      captions = [f"{c}" for c in classes]
-      if evaluator is not None:
-        trained = evaluator.load()
-        eval_variables = jax.device_get(trained.variables)
-        _check_evaluation_model(
-            lambda images: trained.model.apply(eval_variables, images, train=False),
-            evaluator.workdir, image_shape, ctx.num_classes)
-        eval_probabilities = programs.get("eval_probabilities", trained.model.apply,
-                                          lambda: _probabilities_fn(trained.model.apply))
-        eval_real = _classify(eval_probabilities, eval_variables, x_all, batch_size)
-        eval_probs = _classify(eval_probabilities, eval_variables, images, batch_size)
-        for i, r in enumerate(rows):
-          r["eval_prediction"] = int(eval_probs[i].argmax())
-          r["eval_probability"] = float(eval_probs[i, r["class"]])
-        summary.update({
-            "evaluation_workdir": evaluator.workdir,
-            "evaluation_model": trained.config.model.name,
-            "evaluation_step": int(trained.step),
-            "evaluation_real_accuracy": float(np.mean(eval_real.argmax(-1) == y_all)),
-            "num_real_images": len(y_all),
-            "eval_accuracy": _mean([float(r["eval_prediction"] == r["class"]) for r in rows]),
-            "eval_confidence": _mean([r["eval_probability"] for r in rows])})
-        metrics["class_inversion/eval_accuracy"] = summary["eval_accuracy"]
-        metrics["class_inversion/eval_confidence"] = summary["eval_confidence"]
-        metrics["eval_classifier/accuracy"] = summary["evaluation_real_accuracy"]
-        captions = [f"{r['class']}: eval {r['eval_prediction']}" for r in rows]
-      payload["class_inversion"] = {"summary": summary, "classes": rows}
-      tables.append(class_table(rows, summary, evaluator is not None))
-      figure_rows.append(("class inversion", images, captions))
-      arrays["class_inversions"] = images
-      arrays["classes"] = classes
-
+      _class_inversion(ctx, settings, target, evaluator, report)
     if attacks:
-      method = None if settings.label_method == "auto" else settings.label_method
-      gradient_rows = []
-      payload_batches = []
-      for size in sizes:
-        count = size * num_batches
-        x = x_all[:count].reshape(num_batches, size, *image_shape)
-        y = y_all[:count].reshape(num_batches, size)
-        indices = np.asarray(ctx.data.indices[:count]).reshape(num_batches, size)
-        common.report(ctx, f"inversion: {num_batches} FedSGD gradient(s) of batch size {size}")
-        gradients = programs.get(("gradients", size), model_apply,
-                                 lambda s=size: _gradients_fn(model_apply, s, method))
-        grads, recovered = gradients(variables, x, y)
-        recovered = np.asarray(recovered)
-        recovery = np.asarray(inversion_lib.label_recovery_rate(recovered, y))
-        metrics[f"labels/b{size}/recovery_rate"] = float(recovery.mean())
-        given = y if settings.label_source == "true" else recovered
-        figure_rows.append((f"B={size} original", x[0], [f"y={int(v)}" for v in y[0]]))
-        arrays[f"b{size}/originals"] = x
-        arrays[f"b{size}/labels"] = y
-        arrays[f"b{size}/recovered_labels"] = recovered
-        for attack in attacks:
-          common.report(ctx, f"inversion: {attack} at batch size {size}")
-          attack_keys = jax.vmap(lambda j, a=attack, s=size: jax.random.fold_in(
-              jax.random.fold_in(keys.stream_key(int(settings.seed), f"inversion/{a}"), s),
-              j))(jnp.arange(num_batches))
-          attack_fn = programs.get(
-              (attack, size, image_shape), model_apply,
-              lambda a=attack, s=size: _attack_fn(a, model_apply, (s, *image_shape), settings))
-          result = attack_fn(attack_keys, variables, grads, jnp.asarray(given, jnp.int32))
-          reconstructions = np.asarray(result.images)
-          attack_labels = np.asarray(result.labels)
-          matched, psnrs, ssims, batch_records = [], [], [], []
-          for j in range(num_batches):
-            images_j, order = inversion_lib.match_reconstructions(reconstructions[j], x[j])
-            images_j = np.asarray(images_j)
-            psnr_j = np.asarray(inversion_lib.psnr(images_j, x[j]), np.float64)
-            ssim_j = np.asarray(inversion_lib.ssim(images_j, x[j]), np.float64)
-            matched.append(images_j)
-            psnrs.append(psnr_j)
-            ssims.append(ssim_j)
-            batch_records.append({
-                "batch": j, "indices": indices[j].tolist(), "labels": y[j].tolist(),
-                "recovered_labels": recovered[j].tolist(),
-                "attack_labels": attack_labels[j].tolist(),
-                "label_recovery": float(recovery[j]) if attack != "dlg_joint" else float(
-                    inversion_lib.label_recovery_rate(attack_labels[j], y[j])),
-                "order": np.asarray(order).tolist(), "psnr": psnr_j.tolist(),
-                "ssim": ssim_j.tolist(), "matching_loss": float(result.matching_loss[j])})
-          matched = np.stack(matched)
-          label_rate = _mean([b["label_recovery"] for b in batch_records])
-          labels_used = ("jointly optimised" if attack == "dlg_joint"
-                         else settings.label_source)
-          row = {"batch_size": size, "attack": attack, "psnr": _mean(np.concatenate(psnrs)),
-                 "ssim": _mean(np.concatenate(ssims)), "labels_used": labels_used,
-                 "label_recovery": label_rate,
-                 "psnr_median": float(np.median(np.concatenate(psnrs)))}
-          gradient_rows.append(row)
-          payload_batches.append({"batch_size": size, "attack": attack,
-                                  "batches": batch_records})
-          metrics[f"{attack}/b{size}/psnr"] = row["psnr"]
-          metrics[f"{attack}/b{size}/ssim"] = row["ssim"]
-          if attack == "dlg_joint":
-            metrics[f"{attack}/b{size}/label_recovery"] = label_rate
-          figure_rows.append((f"B={size} {attack}", matched[0],
-                              [f"{p:.1f} dB" for p in psnrs[0]]))
-          arrays[f"b{size}/{attack}"] = matched
-      label_desc = {"auto": "iDLG (B = 1) / LLG (B > 1)"}.get(settings.label_method,
-                                                               settings.label_method)
-      header = (f"Gradient inversion of FedSGD gradients (batch-mean cross-entropy at "
-                f"checkpoint step {ctx.step}, train=False): {num_batches} batch(es) per size; "
-                f"labels recovered from the head's gradient with {label_desc}; "
-                f"'{settings.label_source}' labels given to dlg and inverting_gradients. "
-                "PSNR and SSIM per image after Hungarian matching, averaged.")
-      payload["gradient_inversion"] = {"summary": gradient_rows, "details": payload_batches}
-      tables.append(gradient_table(gradient_rows, header))
+      _gradient_inversion(ctx, settings, target, report)
 
-    table = "\n".join(tables)
-    payload["metrics"] = metrics
-    payload["metadata"] = common.metadata_block(ctx)
+    table = "\n".join(report.tables)
+    payload = {**report.payload, "metrics": report.metrics,
+               "metadata": common.metadata_block(ctx)}
     title = (f"{ctx.metadata.get('data', ctx.data.name)} {ctx.metadata.get('model', '')}, "
              f"step {ctx.step}")
-    figure = plots.inversion_grid_figure(figure_rows, title=title, max_columns=FIGURE_COLUMNS)
+    figure = plots.inversion_grid_figure(report.figure_rows, title=title,
+                                         max_columns=FIGURE_COLUMNS)
     artifacts = common.write_results(ctx.output_dir, RESULTS_STEM, payload, table, figure)
     if ctx.output_dir is not None and settings.save_images and parallel.is_main_process():
       buffer = io.BytesIO()
-      np.savez(buffer, **{k.replace("/", "__"): v for k, v in arrays.items()})
+      # npz names are file names inside a zip: '/' becomes '__' (read_images undoes it).
+      np.savez(buffer, **{k.replace("/", "__"): v for k, v in report.arrays.items()})
       artifacts["images"] = os.path.join(ctx.output_dir, IMAGES_FILE)
       files.atomic_write_bytes(artifacts["images"], buffer.getvalue())
     common.report(ctx, table)
-    return EvalResult(NAME, metrics, artifacts, table, details={"payload": payload,
-                                                                "images": arrays})
+    return EvalResult(NAME, report.metrics, artifacts, table,
+                      details={"payload": payload, "images": report.arrays})
 
   return evaluate
 
