@@ -12,6 +12,9 @@
     accuracy (Cohen et al.'s CERTIFY), Cohen's TSV files.
   membership: 'membership' (section `membership`): membership inference
     (LiRA, RMIA, Shokri, thresholds) on the K models of a many-models run.
+  extraction: 'extraction' (section `extraction`): model extraction (Knockoff
+    copies against budget, exact one-hidden-layer ReLU recovery) and Square
+    through a counting victim, per output defence (rounding, top-k, label).
   inversion: 'inversion' (section `inversion`): class inversion (MI-Face)
     scored by an independent classifier, and FedSGD gradient inversion (DLG,
     iDLG, Inverting Gradients) scored by PSNR/SSIM and label recovery.
@@ -45,6 +48,7 @@ from certjax.evaluation.registry import validate_settings
 # Imported for their registrations (and as the evaluators' public home).
 from certjax.evaluation import certified  # pylint: disable=g-bad-import-order
 from certjax.evaluation import common
+from certjax.evaluation import extraction
 from certjax.evaluation import inversion
 from certjax.evaluation import membership
 from certjax.evaluation import plots
@@ -56,6 +60,7 @@ from certjax.evaluation.workdir import evaluate_workdir
 __all__ = [
     "EvalContext", "EvalData", "EvalResult", "EvalSetup", "Evaluator", "EvaluatorSpec",
     "certified", "common", "evaluate_workdir", "evaluator_defaults", "evaluator_names",
+    "extraction",
     "get_evaluator", "get_spec", "inversion", "membership", "merged_settings", "plots", "property",
     "register_evaluator", "robust",
     "validate_settings", "verified",

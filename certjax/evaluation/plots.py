@@ -315,3 +315,67 @@ def inversion_grid_figure(rows: Sequence[tuple[str, Any, Sequence[str]]], *, tit
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   return fig
+
+
+def extraction_figure(curves: Mapping[str, tuple[Sequence[int], Sequence[float], Sequence[float]]],
+                      square: Mapping[str, float], *, victim_accuracy: float,
+                      square_clean_accuracy: float | None = None, square_label: str = "",
+                      title: str = ""):
+  """Model extraction per output mode: Knockoff fidelity and accuracy against budget, Square.
+
+  Args:
+    curves: output mode -> (budgets, copy accuracy, copy fidelity), one line
+      each in the fidelity and accuracy panels (log budget axis); {} omits them.
+    square: output mode -> Square's robust accuracy through that mode (bars);
+      {} omits the panel.
+    victim_accuracy: the victim's test accuracy (dashed in the accuracy panel).
+    square_clean_accuracy: the attacked images' clean accuracy (dashed).
+    square_label: the Square panel's title (norm, eps, queries).
+    title: the figure's title.
+
+  Returns:
+    The `Figure`.
+  """
+  panels = (2 if curves else 0) + (1 if square else 0)
+  if not panels:
+    raise ValueError("extraction_figure needs Knockoff curves or Square results.")
+  fig = _figure(4.2 * panels + 0.4, 3.8)
+  axes = fig.subplots(1, panels, squeeze=False)[0]
+  if curves:
+    for which, ax in zip(("fidelity", "accuracy"), axes[:2]):
+      for i, (name, (budgets, accuracy, fidelity)) in enumerate(curves.items()):
+        # Dashes and markers differ too: modes that answer alike (top-1 and
+        # label give Knockoff the same one-hot targets) draw the same line.
+        ax.plot(budgets, fidelity if which == "fidelity" else accuracy,
+                marker="os^vD"[i % 5], markersize=4, fillstyle="none",
+                linestyle=("-", "--", "-.", ":")[i % 4], color=f"C{i % 10}", label=name)
+      if which == "accuracy":
+        ax.axhline(victim_accuracy, color="k", linestyle="--", linewidth=1,
+                   label=f"victim ({100 * victim_accuracy:.1f}%)")
+      ax.set_xscale("log")
+      ax.set_ylim(0.0, 1.02)
+      ax.set_xlabel("victim queries (Knockoff budget)")
+      ax.set_ylabel(f"copy {which}" + (" (agreement with the victim)"
+                                       if which == "fidelity" else " (true labels)"))
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7, loc="lower right")
+  if square:
+    ax = axes[-1]
+    names = list(square)
+    values = [square[n] for n in names]
+    ax.bar(range(len(names)), values, color=[f"C{i % 10}" for i in range(len(names))])
+    for i, value in enumerate(values):
+      ax.text(i, value + 0.02, f"{100 * value:.0f}%", ha="center", fontsize=8)
+    if square_clean_accuracy is not None:
+      ax.axhline(square_clean_accuracy, color="k", linestyle="--", linewidth=1,
+                 label=f"clean ({100 * square_clean_accuracy:.0f}%)")
+      ax.legend(fontsize=7, loc="upper left")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=7, rotation=20)
+    ax.set_ylim(0.0, 1.1)
+    ax.set_ylabel("robust accuracy through the interface")
+    ax.set_title(square_label or "Square Attack", fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return fig

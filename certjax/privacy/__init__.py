@@ -19,6 +19,7 @@ many-models trainer's job (`certjax.training.many`); running them on a
 trained workdir is the 'membership' evaluator's (`certjax.evaluation`).
 """
 
+from certjax.privacy import extraction
 from certjax.privacy import inversion
 from certjax.privacy import membership
 from certjax.privacy import property  # pylint: disable=redefined-builtin
