@@ -56,7 +56,7 @@ and label). Exact extraction through logits: 128/128 neurons, 156,667
 queries, max logit error 1.0e-8. Against the float32 model itself
 (`--config.extraction.exact_float64=False`) its rounding noise spoils the
 measurements: 120 of 128 neurons after 793,772 queries (8.7 min), max logit
-error 3.86, fidelity 99.1%.
+error 3.86, fidelity 99.1% (through logits: 115 of 128, error 5.79, 98.4%).
 """
 
 import ml_collections
