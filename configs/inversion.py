@@ -66,7 +66,11 @@ original DLG 1.4/2.8 min, Inverting Gradients 1.7/4.3 min at B = 1/4).
   B = 4). The labels are not what limits it: given the true labels
   (`--config.inversion.label_source=true`, IG alone at B = 4: 3m39s wall,
   load 0.2-1.8) it reaches 12.46 dB, SSIM 0.321, still one image per batch
-  (23-32 dB) and the rest at 4-12 dB.
+  (23-32 dB) and the rest at 4-12 dB. DLG on the trained evaluation MLP
+  itself (`--config=configs/inversion.py:mnist5k,evaluator` on its workdir,
+  dlg and dlg_joint only, 60 s wall) is no better: 8.47/8.07 dB with iDLG/LLG
+  labels, 6.55/6.59 dB jointly at B = 1/4; so DLG's failure here comes from
+  the trained model's tiny gradient more than from the convolutions.
 """
 
 import ml_collections
