@@ -9,6 +9,14 @@ of the config:
   robust     (config.attack)   robust accuracy under a sequence of attacks
   verified   (config.verify)   verified accuracy under IBP / CROWN-IBP / CROWN
   certified  (config.certify)  certified accuracy of the smoothed classifier
+  inversion  (config.inversion)  class inversion and gradient (DLG, Inverting
+                               Gradients) inversion
+  extraction (config.extraction) Knockoff, exact ReLU extraction and Square
+                               through a counting query interface, per defence
+  membership (config.membership) membership inference on the K models of a
+                               many-models run (configs/membership.py)
+  property   (config.property)   property inference on the shadow models of a
+                               many-models run (configs/property.py)
 
 Give the config the model was trained with, plus overrides of that section
 and of `config.skip` / `config.max` (every skip-th image of the split below
@@ -37,7 +45,7 @@ common.define_config_and_workdir(
 # need no change here.
 flags.DEFINE_string("evaluator", None,
                     "The evaluator to run: a name from certjax.evaluation.evaluator_names(), "
-                    "e.g. robust, verified, certified.")
+                    "e.g. robust, verified, certified, membership.")
 flags.mark_flag_as_required("evaluator")
 
 main = run_evaluator.main_for(None)
