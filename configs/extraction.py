@@ -22,6 +22,7 @@ Argument (`--config=configs/extraction.py:<data>[,smoke]`):
     tests run: a 784-8-10 victim, tiny budgets, 20 Square queries).
   mnist: full MNIST IDX from ../shared/data/mnist (real scale).
   fashion_mnist: Fashion-MNIST IDX from ../shared/data/fashion_mnist.
+  cifar10: CIFAR-10 through TFDS when prepared (not measured here).
 Transfer-set Knockoff (the attacker holds other data): add
 `--config.extraction.surrogate_data=fashion_mnist
 --config.extraction.surrogate_manual_dir=../shared/data/fashion_mnist`.
@@ -68,6 +69,9 @@ DATA = {  # name: (data.name, manual_dir, Knockoff budgets)
     "mnist": ("mnist", "../shared/data/mnist", (100, 300, 1000, 3000, 10000)),
     "fashion_mnist": ("fashion_mnist", "../shared/data/fashion_mnist",
                       (100, 300, 1000, 3000, 10000)),
+    # Through TFDS when prepared (no download here); a 3072-128-10 victim, so
+    # exact extraction applies; not measured on this machine.
+    "cifar10": ("cifar10", "", (100, 300, 1000, 3000, 10000)),
 }
 
 

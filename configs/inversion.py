@@ -21,6 +21,7 @@ Argument (`--config=configs/inversion.py:<data>[,evaluator][,smoke]`):
   mnist5k (default): the embedded 5,000 digits (4,000 train / 1,000 test).
   mnist: full MNIST IDX from ../shared/data/mnist.
   fashion_mnist: Fashion-MNIST IDX from ../shared/data/fashion_mnist.
+  cifar10: CIFAR-10 through TFDS when prepared (not measured here).
   evaluator: the evaluation classifier's training config (MLP, seed 1)
     instead of the target's.
   smoke: seconds on a CPU (what the tests run): the smoke model and a few
@@ -82,6 +83,8 @@ DATA = {
     "mnist5k": ("mnist5k", "", 100, 25.0, 2e-3),
     "mnist": ("mnist", "../shared/data/mnist", 128, 10.0, 1e-3),
     "fashion_mnist": ("fashion_mnist", "../shared/data/fashion_mnist", 128, 10.0, 1e-3),
+    # Through TFDS when prepared (no download here); not measured on this machine.
+    "cifar10": ("cifar10", "", 128, 30.0, 1e-3),
 }
 EVALUATOR = "evaluator"
 

@@ -16,6 +16,7 @@ Argument (`--config=configs/property.py:<data>[,smoke]`):
     of the first 20,000 train images; class 0 (T-shirt/top) makes up 20% or
     5% of each model's 2,000 images (its natural share is 10%).
   mnist: the same on MNIST digits (class 0).
+  cifar10: the same on CIFAR-10 through TFDS when prepared (class 0, airplane).
 
 Commands:
     python -m launch.train --config=configs/property.py:fashion_mnist --workdir=/tmp/certjax/property_fmnist
@@ -37,6 +38,8 @@ DATA = {  # name: (data.name, manual_dir, train_split)
     "mnist5k": ("mnist5k", "", "train"),
     "mnist": ("mnist", "../shared/data/mnist", "train[:20000]"),
     "fashion_mnist": ("fashion_mnist", "../shared/data/fashion_mnist", "train[:20000]"),
+    # Through TFDS when prepared (no download here); not measured on this machine.
+    "cifar10": ("cifar10", "", "train[:20000]"),
 }
 
 

@@ -41,10 +41,11 @@ def test_every_config_is_valid_and_documented(name):
 
 
 @pytest.mark.parametrize("name, arg", [
-    (name, arg) for name in ("membership", "property")
+    (name, arg) for name in ("membership", "property", "inversion", "extraction")
     for arg in sorted(importlib.import_module(f"configs.{name}").DATA)])
 def test_every_data_set_of_the_privacy_configs_is_valid(name, arg):
   from certjax.training import config as config_lib
   config = importlib.import_module(f"configs.{name}").get_config(arg)
   config_lib.validate_config(config)
-  assert config.num_models > 1 and config.data.membership != "all"
+  if name in ("membership", "property"):
+    assert config.num_models > 1 and config.data.membership != "all"
