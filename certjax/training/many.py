@@ -71,8 +71,6 @@ from certjax.data import membership as membership_lib
 from certjax.runs import checkpoints as ckpt_lib
 from certjax.runs import provenance as provenance_lib
 from certjax.training import metrics as metrics_lib
-from certjax.training import objectives as objectives_lib
-from certjax.training import optim
 from certjax.training import state as state_lib
 
 MODELS_EVAL_FILE = "models_eval.json"
@@ -306,12 +304,7 @@ def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResu
   total_steps = total_many_steps(config, masks)
   state_sharding, index_sharding = _shardings(mesh, num_models, config.batch_size)
 
-  model = runs.build_model(config, info)
-  tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
-  ctx = objectives_lib.ObjectiveContext(
-      apply_fn=model.apply, num_classes=info.num_classes, total_steps=total_steps,
-      input_shape=tuple(info.image_shape))
-  loss_fn = objectives_lib.get_objective(config.objective, ctx)
+  model, tx, schedule, loss_fn = state_lib.model_and_objective(config, info, total_steps)
 
   init_keys = model_keys(keys.stream_key(int(config.seed), keys.TRAINING_INIT), num_models)
   train_keys = jax.device_put(

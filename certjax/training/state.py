@@ -11,7 +11,10 @@ import optax
 from absl import logging
 
 from certjax import models as models_lib
+from certjax import runs
 from certjax.runs import signing as signing_lib
+from certjax.training import objectives as objectives_lib
+from certjax.training import optim
 from certjax.types import Array
 
 
@@ -82,3 +85,13 @@ def signing_policy(config: Any) -> signing_lib.SigningPolicy:
     logging.info("Checkpoints of this run are written unsigned (no signing.key or "
                  "$CERTJAX_SIGNING_KEY; python -m launch.sign keygen makes a key).")
   return signer
+
+
+def model_and_objective(config: Any, info: Any, total_steps: int):
+  """(model, optax transformation, learning-rate schedule, loss_fn) of a run's config."""
+  model = runs.build_model(config, info)
+  tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
+  ctx = objectives_lib.ObjectiveContext(
+      apply_fn=model.apply, num_classes=info.num_classes, total_steps=total_steps,
+      input_shape=tuple(info.image_shape))
+  return model, tx, schedule, objectives_lib.get_objective(config.objective, ctx)

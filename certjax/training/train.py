@@ -39,9 +39,7 @@ from certjax.runs import checkpoints as ckpt_lib
 from certjax.runs import provenance as provenance_lib
 from certjax.training import config as config_lib
 from certjax.training import metrics as metrics_lib
-from certjax.training import objectives as objectives_lib
 from certjax.training import many as many_lib
-from certjax.training import optim
 from certjax.training import state as state_lib
 from certjax.training.state import TrainState, create_train_state, train_step_fn
 
@@ -204,12 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise ValueError(f"batch_size={config.batch_size} exceeds the {info.num_train} "
                      f"training examples of {info.name!r}.")
   total_steps = total_train_steps(config, info)
-  model = runs.build_model(config, info)
-  tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
-  ctx = objectives_lib.ObjectiveContext(
-      apply_fn=model.apply, num_classes=info.num_classes, total_steps=total_steps,
-      input_shape=tuple(info.image_shape))
-  loss_fn = objectives_lib.get_objective(config.objective, ctx)
+  model, tx, schedule, loss_fn = state_lib.model_and_objective(config, info, total_steps)
   periodic_evals = PeriodicEvals.build(config, info, workdir)
 
   # Named streams: no evaluator's key (certification noise, attacks) can
