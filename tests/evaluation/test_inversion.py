@@ -129,4 +129,4 @@ def test_config_file_is_valid(arg):
   assert config.inversion.gradient_attacks == ("dlg", "dlg_joint", "inverting_gradients")
   assert (config.model.name == "mlp") == ("evaluator" in arg or "smoke" in arg)
   with pytest.raises(ValueError, match="configs/inversion.py takes one of"):
-    inversion_config.get_config("cifar10")
+    inversion_config.get_config("svhn")
