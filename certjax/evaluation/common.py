@@ -330,3 +330,11 @@ def batches(count: int, batch_size: int) -> Iterable[slice]:
   """Slices of `batch_size` covering [0, count)."""
   for start in range(0, count, batch_size):
     yield slice(start, min(start + batch_size, count))
+
+
+def load_all(data: EvalData, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """Every selected example of `data` in memory, loaded `chunk` at a time, in order."""
+  parts = [data.load(data.indices[p]) for p in batches(len(data.indices), chunk)]
+  if not parts:
+    return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
+  return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])

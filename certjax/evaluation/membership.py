@@ -252,8 +252,7 @@ def score_targets(attacks, logits: np.ndarray, labels: np.ndarray, masks: np.nda
 def _label_only(ctx: EvalContext, settings: ml_collections.ConfigDict,
                 labels: np.ndarray) -> tuple[np.ndarray, int]:
   """Label-only scores of targets 0..T-1, pooled, each through a counting label-only victim."""
-  images = np.concatenate([ctx.data.load(ctx.data.indices[p])[0] for p in
-                           common.batches(len(ctx.data.indices), 4096)])
+  images, _ = common.load_all(ctx.data)
   apply_fn = jax.jit(lambda v, x: ctx.apply_fn(v, x, train=False))
   scores, used = [], 0
   for target in range(int(settings.num_targets)):
@@ -322,8 +321,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                   f"{len(ctx.data.indices)} examples ({settings.augmentations} queries)")
     logits = all_model_logits(ctx.apply_fn, ctx.variables, ctx.data, ctx.data.indices,
                               settings.augmentations, settings.batch_size)
-    labels = np.concatenate([ctx.data.load(ctx.data.indices[p])[1] for p in
-                             common.batches(len(ctx.data.indices), 4096)])
+    labels = common.load_all(ctx.data)[1]
     population_logits = population_labels = None
     if needs_population:
       if run_config is None:

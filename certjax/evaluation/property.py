@@ -135,8 +135,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                        "train with data.membership='property' (and data.property_class, "
                        f"data.property_fractions); this run used {data_config.membership!r}.")
     masks = np.asarray(ctx.members, bool)
-    labels = np.concatenate([ctx.data.load(ctx.data.indices[p])[1] for p in
-                             common.batches(len(ctx.data.indices), 4096)])
+    labels = common.load_all(ctx.data)[1]
     fraction_with, fraction_without = tuple(data_config.property_fractions)
     property_labels = membership_data.property_labels_of(
         masks, labels, int(data_config.property_class), fraction_with, fraction_without)
