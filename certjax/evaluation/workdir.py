@@ -96,49 +96,37 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, evaluator:
   info = data_lib.get_info(config.data)
   evaluate = registry.get_evaluator(evaluator, settings, info.num_classes, run_config=config)
   step = runs.resolve_step(workdir, settings.checkpoint_step)
+  float32_apply_fn = members = None
   if spec.many_models:
-    return _evaluate_many(config, workdir, spec, settings, evaluate, info, step, verbose)
-  trained = runs.restore_model(workdir, step, config)
-  float32_apply_fn = None
-  if spec.float32 and config.get("compute_dtype", "float32") != "float32":
-    # Bounds computed in bfloat16 can be unsound by rounding: evaluate the
-    # same parameters through the float32 model.
-    logging.info("%s: computing in float32 (the model was configured with compute_dtype=%s).",
-                 evaluator, config.compute_dtype)
-    float32_apply_fn = runs.build_model(config, info, compute_dtype="float32").apply
-  split = settings.split or config.data.eval_split
+    # Every model of a many-models run, on the train-split examples their
+    # masks refer to.
+    trained = runs.restore_models(workdir, step, config)
+    split = config.data.train_split
+  else:
+    trained = runs.restore_model(workdir, step, config)
+    split = settings.split or config.data.eval_split
+    if spec.float32 and config.get("compute_dtype", "float32") != "float32":
+      # Bounds computed in bfloat16 can be unsound by rounding: evaluate the
+      # same parameters through the float32 model.
+      logging.info("%s: computing in float32 (the model was configured with "
+                   "compute_dtype=%s).", evaluator, config.compute_dtype)
+      float32_apply_fn = runs.build_model(config, info, compute_dtype="float32").apply
   data = EvalData.from_config(config.data, split, int(config.get("skip", 1)),
                               int(config.get("max", -1)))
+  what = config.model.name
+  if spec.many_models:
+    if trained.masks.shape[1] <= int(data.indices.max(initial=-1)):
+      raise ValueError(
+          f"The membership masks of {workdir} cover {trained.masks.shape[1]} examples, but "
+          f"the train split {split!r} has more: evaluate with the data config the models "
+          "were trained with.")
+    members = trained.masks[:, data.indices]
+    what = f"{trained.num_models} x {what}"
   output_dir = settings.get("output_dir") or os.path.join(workdir, spec.results_dir)
   logging.info("Evaluating %s (%s) of %s on %d %s %s images, checkpoint step %d",
-               evaluator, spec.summary, config.model.name, len(data.indices), info.name,
-               split, step)
+               evaluator, spec.summary, what, len(data.indices), info.name, split, step)
   ctx = EvalContext(apply_fn=trained.model.apply, variables=trained.variables, data=data,
                     num_classes=info.num_classes, step=step, output_dir=output_dir,
                     metadata=run_metadata(config, workdir, trained.checkpoint),
-                    float32_apply_fn=float32_apply_fn,
-                    verbose=verbose)
-  return evaluate(ctx)
-
-
-def _evaluate_many(config, workdir, spec, settings, evaluate, info, step, verbose
-                   ) -> EvalResult:
-  """Runs a many-models evaluator: every model of the workdir, the train split's
-  examples their masks refer to (every `config.skip`-th below `config.max`)."""
-  trained = runs.restore_models(workdir, step, config)
-  data = EvalData.from_config(config.data, config.data.train_split, int(config.get("skip", 1)),
-                              int(config.get("max", -1)))
-  if trained.masks.shape[1] <= int(data.indices.max(initial=-1)):
-    raise ValueError(
-        f"The membership masks of {workdir} cover {trained.masks.shape[1]} examples, but the "
-        f"train split {config.data.train_split!r} has more: evaluate with the data config "
-        "the models were trained with.")
-  output_dir = settings.get("output_dir") or os.path.join(workdir, spec.results_dir)
-  logging.info("Evaluating %s (%s) of %d x %s on %d %s %s examples, checkpoint step %d",
-               spec.name, spec.summary, trained.num_models, config.model.name,
-               len(data.indices), info.name, config.data.train_split, step)
-  ctx = EvalContext(apply_fn=trained.model.apply, variables=trained.variables, data=data,
-                    num_classes=info.num_classes, step=step, output_dir=output_dir,
-                    metadata=run_metadata(config, workdir, trained.checkpoint),
-                    verbose=verbose, members=trained.masks[:, data.indices])
+                    float32_apply_fn=float32_apply_fn, verbose=verbose, members=members)
   return evaluate(ctx)
