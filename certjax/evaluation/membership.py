@@ -42,10 +42,10 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from certjax import models as models_lib
 from certjax import parallel
 from certjax import validation
 from certjax.evaluation import common
@@ -167,19 +167,18 @@ def augmented_queries(x: np.ndarray, augmentations: str) -> np.ndarray:
   return np.stack(views)
 
 
-def all_model_logits(apply_fn, variables, data: EvalData, indices: np.ndarray,
-                     augmentations: str, batch_size: int) -> np.ndarray:
-  """float32 [K, N, A, C]: every model's logits on every query of `indices`.
+def all_model_logits(apply_fn, variables, images: np.ndarray, augmentations: str,
+                     batch_size: int) -> np.ndarray:
+  """float32 [K, N, A, C]: every model's logits on every query of `images` [N, ...].
 
   One compiled program: the last batch is padded to `batch_size`.
   """
   mesh = parallel.local_mesh()
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  logits_all = jax.jit(jax.vmap(
-      lambda v, x: apply_fn(v, x, train=False).astype(jnp.float32), in_axes=(0, None)))
+  logits_all = models_lib.make_stacked_logits(apply_fn)
   out = []
-  for part in common.batches(len(indices), batch_size):
-    x, _ = data.load(indices[part])
+  for part in common.batches(len(images), batch_size):
+    x = images[part]
     count = len(x)
     queries = augmented_queries(x, augmentations)            # [A, b, ...]
     num_views = queries.shape[0]
@@ -249,10 +248,9 @@ def score_targets(attacks, logits: np.ndarray, labels: np.ndarray, masks: np.nda
           accuracies)
 
 
-def _label_only(ctx: EvalContext, settings: ml_collections.ConfigDict,
+def _label_only(ctx: EvalContext, settings: ml_collections.ConfigDict, images: np.ndarray,
                 labels: np.ndarray) -> tuple[np.ndarray, int]:
   """Label-only scores of targets 0..T-1, pooled, each through a counting label-only victim."""
-  images, _ = common.load_all(ctx.data)
   apply_fn = jax.jit(lambda v, x: ctx.apply_fn(v, x, train=False))
   scores, used = [], 0
   for target in range(int(settings.num_targets)):
@@ -319,9 +317,10 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                        f"{num_models} models of the run.")
     common.report(ctx, f"membership: logits of {num_models} models on "
                   f"{len(ctx.data.indices)} examples ({settings.augmentations} queries)")
-    logits = all_model_logits(ctx.apply_fn, ctx.variables, ctx.data, ctx.data.indices,
-                              settings.augmentations, settings.batch_size)
-    labels = common.load_all(ctx.data)[1]
+    # The candidates are read once: for the logits and for the label-only queries.
+    images, labels = common.load_all(ctx.data)
+    logits = all_model_logits(ctx.apply_fn, ctx.variables, images, settings.augmentations,
+                              settings.batch_size)
     population_logits = population_labels = None
     if needs_population:
       if run_config is None:
@@ -330,16 +329,15 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       split = settings.population_split or run_config.data.eval_split
       population = EvalData.from_config(run_config.data, split, 1,
                                         int(settings.population_size) - 1)
-      population_logits = all_model_logits(ctx.apply_fn, ctx.variables, population,
-                                           population.indices, settings.augmentations,
-                                           settings.batch_size)
-      population_labels = population.load(population.indices)[1]
+      population_images, population_labels = population.load(population.indices)
+      population_logits = all_model_logits(ctx.apply_fn, ctx.variables, population_images,
+                                           settings.augmentations, settings.batch_size)
     scores, is_member, accuracies = score_targets(
         attacks, logits, labels, masks, int(settings.num_targets), population_logits,
         population_labels, int(settings.seed), int(settings.num_shadows))
     label_only_queries_used = 0
     if settings.label_only_queries:
-      scores["label_only"], label_only_queries_used = _label_only(ctx, settings, labels)
+      scores["label_only"], label_only_queries_used = _label_only(ctx, settings, images, labels)
     rows, curves = [], {}
     for attack in scores:
       summary = membership_lib.summarize(scores[attack], is_member, fprs=tuple(fprs))

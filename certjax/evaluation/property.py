@@ -154,8 +154,8 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     if "outputs" in kinds:
       queries = EvalData.from_config(data_config, data_config.eval_split, 1,
                                      int(settings.num_queries) - 1)
-      logits = membership_eval.all_model_logits(ctx.apply_fn, ctx.variables, queries,
-                                                queries.indices, "none", 500)
+      logits = membership_eval.all_model_logits(
+          ctx.apply_fn, ctx.variables, queries.load(queries.indices)[0], "none", 500)
       inputs["outputs"] = logits[:, :, 0]
     rows = []
     key = jax.random.key(int(settings.seed))

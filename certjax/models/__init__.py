@@ -13,7 +13,7 @@ from certjax.models.convnets import CNN7, ConvSpec, IBPConvNet
 from certjax.models.mlp import MLP
 from certjax.models.registry import (MODEL_NAMES, count_params, get_model,
                                      init_variables, make_logits_fn,
-                                     model_options)
+                                     make_stacked_logits, model_options)
 from certjax.models.resnets import CifarResNet, PreActResNet, WideResNet
 
 __all__ = [
@@ -32,5 +32,6 @@ __all__ = [
     "get_model",
     "init_variables",
     "make_logits_fn",
+    "make_stacked_logits",
     "model_options",
 ]

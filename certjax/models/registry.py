@@ -273,6 +273,19 @@ def make_logits_fn(model: nn.Module, variables: Variables) -> LogitsFn:
   return functools.partial(model.apply, variables, train=False)
 
 
+def make_stacked_logits(apply_fn: Any):
+  """`logits(variables [K, ...], x [B, ...]) -> float32 [K, B, C]`, jitted.
+
+  Every one of K models whose variables are stacked on a leading axis (the
+  many-models trainer's) on the same batch, as one vmapped program.
+
+  Args:
+    apply_fn: a Flax `model.apply`.
+  """
+  return jax.jit(jax.vmap(lambda v, x: apply_fn(v, x, train=False).astype(jnp.float32),
+                          in_axes=(0, None)))
+
+
 def count_params(variables: Variables) -> int:
   """Number of scalars in the 'params' collection (not batch statistics).
 
