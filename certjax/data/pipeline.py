@@ -154,17 +154,23 @@ def crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
   return out
 
 
-class _EpochOrder:
-  """Maps stream positions to example indices through per-epoch permutations."""
+class EpochOrder:
+  """Maps stream positions to example indices through per-epoch permutations.
 
-  def __init__(self, num_examples: int, seed: int):
+  Epoch e is a permutation of range(num_examples) drawn from (seed, *stream,
+  e); position p of the stream is example perm_e[p mod n] with e = p // n.
+  `stream` keeps other users' orders apart (the many-models trainer passes
+  the model index); the training pipeline passes none.
+  """
+
+  def __init__(self, num_examples: int, seed: int, stream: tuple[int, ...] = ()):
     self._n = num_examples
-    self._seed = seed
+    self._entropy = (int(seed), *(int(t) for t in stream))
     # Per instance, so that the cache dies with the pipeline.
     self.permutation = functools.lru_cache(maxsize=4)(self._permutation)
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self._seed, epoch, _PERMUTATION_TAG]).permutation(self._n)
+    return np.random.default_rng([*self._entropy, epoch, _PERMUTATION_TAG]).permutation(self._n)
 
   def indices(self, positions: np.ndarray) -> np.ndarray:
     epochs, offsets = np.divmod(positions, self._n)
@@ -209,7 +215,7 @@ def _train_dataset(data_config, *, batch_size, seed, process_index, process_coun
     raise ValueError(
         f"batch_size {batch_size} is larger than the {n} examples of split "
         f"{cfg.train_split!r} of {cfg.name!r}; use batch_size <= {n}.")
-  order = _EpochOrder(n, int(seed))
+  order = EpochOrder(n, int(seed))
   augment = cfg.augment
   image_size = cfg.image_size
   host_offset = process_index * per_host

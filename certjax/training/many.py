@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 import time
 from typing import Any
@@ -129,27 +130,15 @@ class MemberOrder:
           f"batch_size={self.batch_size} exceeds the training subset of model(s) "
           f"{small[:10]} ({min(len(self.members[k]) for k in small)} examples); lower "
           "batch_size or use a membership design with larger subsets.")
-    self._cache: dict[tuple[int, int], np.ndarray] = {}
-
-  def _permutation(self, k: int, epoch: int) -> np.ndarray:
-    key = (k, epoch)
-    if key not in self._cache:
-      if len(self._cache) > 4 * len(self.members):
-        self._cache.clear()
-      rng = np.random.default_rng([self.seed, k, epoch, _ORDER_TAG])
-      self._cache[key] = self.members[k][rng.permutation(len(self.members[k]))]
-    return self._cache[key]
+    # Model k's epochs: permutations of its members drawn from (seed, k, epoch).
+    self.orders = [data_lib.pipeline.EpochOrder(len(m), self.seed, (k, _ORDER_TAG))
+                   for k, m in enumerate(self.members)]
 
   def indices(self, step: int) -> np.ndarray:
     """int32 [K, B]: the train-split indices of every model's batch at `step` (0-based)."""
-    out = np.empty((len(self.members), self.batch_size), np.int32)
     positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-    for k, members in enumerate(self.members):
-      epochs, offsets = np.divmod(positions, len(members))
-      for epoch in np.unique(epochs):
-        here = epochs == epoch
-        out[k, here] = self._permutation(k, int(epoch))[offsets[here]]
-    return out
+    return np.stack([members[order.indices(positions)] for members, order in
+                     zip(self.members, self.orders)]).astype(np.int32)
 
 
 def crop_flip(key: jax.Array, images: jax.Array, padding: int = _PADDING) -> jax.Array:
@@ -213,12 +202,6 @@ def make_many_step(loss_fn, tx, augment: bool, state_sharding, index_sharding, m
                  out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
 
-def make_many_logits(model):
-  """`logits(variables [K, ...], x [B, ...]) -> [K, B, C]`, jitted: every model on one batch."""
-  return jax.jit(jax.vmap(lambda v, x: model.apply(v, x, train=False).astype(jnp.float32),
-                          in_axes=(0, None)))
-
-
 def evaluate_models(model, variables, images_u8: np.ndarray, labels: np.ndarray,
                     batch_size: int) -> dict[str, np.ndarray]:
   """Per-model clean accuracy and loss on (images, labels): float64 [K] each.
@@ -226,7 +209,7 @@ def evaluate_models(model, variables, images_u8: np.ndarray, labels: np.ndarray,
   The last batch is padded to `batch_size` and masked, so one program serves
   every batch.
   """
-  logits_all = make_many_logits(model)
+  logits_all = models_lib.make_stacked_logits(model.apply)
   n = len(labels)
   correct = loss = 0.0
   for first in range(0, n, batch_size):
@@ -255,7 +238,7 @@ def _check_masks_file(workdir: str, masks: np.ndarray) -> None:
           "data.membership. Use a new --workdir.")
     return
   if jax.process_index() == 0:
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     np.save(buffer, masks, allow_pickle=False)
     runs.files.atomic_write_bytes(path, buffer.getvalue())
 
