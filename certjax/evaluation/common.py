@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from certjax import models as models_lib
 from certjax import parallel
 from certjax import validation
 from certjax.evaluation.registry import EvalContext, EvalData
@@ -338,3 +339,23 @@ def load_all(data: EvalData, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]
   if not parts:
     return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
   return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def stacked_logits(apply_fn: Any, variables: Any, images: np.ndarray,
+                   batch_size: int) -> np.ndarray:
+  """float32 [K, N, C]: K stacked models' logits (variables with a leading axis K)
+  on `images` [N, ...], `batch_size` at a time on this host's devices.
+
+  One compiled program (`models.make_stacked_logits`): the last batch is
+  padded to `batch_size`.
+  """
+  mesh = parallel.local_mesh()
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  logits_all = models_lib.make_stacked_logits(apply_fn)
+  rows = []
+  for part in batches(len(images), batch_size):
+    chunk = images[part]
+    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
+                                             chunk.dtype)])
+    rows.append(np.asarray(jax.device_get(logits_all(variables, padded)))[:, :len(chunk)])
+  return np.concatenate(rows, axis=1)

@@ -45,7 +45,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from certjax import models as models_lib
 from certjax import parallel
 from certjax import validation
 from certjax.evaluation import common
@@ -169,28 +168,16 @@ def augmented_queries(x: np.ndarray, augmentations: str) -> np.ndarray:
 
 def all_model_logits(apply_fn, variables, images: np.ndarray, augmentations: str,
                      batch_size: int) -> np.ndarray:
-  """float32 [K, N, A, C]: every model's logits on every query of `images` [N, ...].
-
-  One compiled program: the last batch is padded to `batch_size`.
-  """
-  mesh = parallel.local_mesh()
-  variables = jax.device_put(variables, parallel.replicated(mesh))
-  logits_all = models_lib.make_stacked_logits(apply_fn)
+  """float32 [K, N, A, C]: every model's logits on every query of `images` [N, ...]."""
   out = []
   for part in common.batches(len(images), batch_size):
     x = images[part]
-    count = len(x)
     queries = augmented_queries(x, augmentations)            # [A, b, ...]
     num_views = queries.shape[0]
-    flat = queries.reshape(num_views * count, *x.shape[1:])
-    rows = []
-    for first in range(0, len(flat), batch_size):
-      chunk = flat[first:first + batch_size]
-      padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
-                                               chunk.dtype)])
-      rows.append(np.asarray(jax.device_get(logits_all(variables, padded)))[:, :len(chunk)])
-    logits = np.concatenate(rows, axis=1)                    # [K, A * b, C]
-    out.append(logits.reshape(logits.shape[0], num_views, count, -1).transpose(0, 2, 1, 3))
+    logits = common.stacked_logits(apply_fn, variables,
+                                   queries.reshape(num_views * len(x), *x.shape[1:]),
+                                   batch_size)               # [K, A * b, C]
+    out.append(logits.reshape(logits.shape[0], num_views, len(x), -1).transpose(0, 2, 1, 3))
   return np.concatenate(out, axis=1)
 
 

@@ -64,6 +64,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from certjax import data as data_lib
+from certjax import evaluation
 from certjax import keys
 from certjax import models as models_lib
 from certjax import parallel
@@ -204,26 +205,16 @@ def make_many_step(loss_fn, tx, augment: bool, state_sharding, index_sharding, m
 
 def evaluate_models(model, variables, images_u8: np.ndarray, labels: np.ndarray,
                     batch_size: int) -> dict[str, np.ndarray]:
-  """Per-model clean accuracy and loss on (images, labels): float64 [K] each.
-
-  The last batch is padded to `batch_size` and masked, so one program serves
-  every batch.
-  """
-  logits_all = models_lib.make_stacked_logits(model.apply)
-  n = len(labels)
-  correct = loss = 0.0
-  for first in range(0, n, batch_size):
-    rows = np.arange(first, min(first + batch_size, n))
-    pad = batch_size - len(rows)
-    x = data_lib.pipeline.to_float(images_u8[np.concatenate([rows, np.zeros(pad, int)])])
-    y = labels[np.concatenate([rows, np.zeros(pad, int)])]
-    logits = np.asarray(jax.device_get(logits_all(variables, x)), np.float64)[:, :len(rows)]
-    y = y[:len(rows)]
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    correct = correct + (logits.argmax(-1) == y[None]).sum(1)
-    loss = loss - np.take_along_axis(log_probs, y[None, :, None], -1)[..., 0].sum(1)
-  return {"accuracy": np.asarray(correct) / max(n, 1), "loss": np.asarray(loss) / max(n, 1)}
+  """Per-model clean accuracy and loss on (images, labels): float64 [K] each."""
+  logits = evaluation.common.stacked_logits(
+      model.apply, variables, data_lib.pipeline.to_float(images_u8), batch_size
+  ).astype(np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  n = max(len(labels), 1)
+  correct = (logits.argmax(-1) == labels[None]).sum(1)
+  loss = -np.take_along_axis(log_probs, labels[None, :, None], -1)[..., 0].sum(1)
+  return {"accuracy": correct / n, "loss": loss / n}
 
 
 def _check_masks_file(workdir: str, masks: np.ndarray) -> None:
