@@ -44,6 +44,7 @@ from certjax import validation
 from certjax.attacks import norms
 from certjax.attacks.apgd import make_apgd, make_apgd_targeted
 from certjax.attacks.core import AttackFn
+from certjax.attacks.cw import make_cw_l2, make_cw_linf
 from certjax.attacks.fab import make_fab_targeted
 from certjax.attacks.pgd import make_fgm, make_pgd
 from certjax.attacks.runner import (AUTOATTACK_STANDARD, EpsResult, RobustAccuracyResult,
@@ -60,7 +61,10 @@ RESULTS_STEM = "results"
 # 'autoattack_custom' is AutoAttack's sequence (APGD-CE, APGD-T, FAB-T, Square
 # where the norm allows it) with this section's steps, restarts, targets and
 # queries: not the standard version, which is `suite='autoattack'`.
-ATTACK_NAMES = ("fgsm", "pgd", "apgd_ce", "apgd_t", "fab_t", "square", "autoattack_custom")
+ATTACK_NAMES = ("fgsm", "pgd", "apgd_ce", "apgd_t", "fab_t", "square", "cw_l2", "cw_linf",
+                "autoattack_custom")
+# The norm each single-norm attack is defined for.
+ATTACK_NORMS = {"cw_l2": "l2", "cw_linf": "linf"}
 # '' runs `attack.attacks`; 'autoattack' AutoAttack's standard version.
 SUITES = ("", "autoattack")
 SUITE_NAMES = {"": "", "autoattack": AUTOATTACK_STANDARD}
@@ -101,6 +105,16 @@ def default_config() -> ml_collections.ConfigDict:
     restarts: random restarts of PGD, APGD and FAB-T.
     num_target_classes: target classes of APGD-T and FAB-T.
     square_queries: query budget of Square (evaluations per example).
+    cw_num_steps: Adam iterations of 'cw_l2' (per binary-search step) and
+      'cw_linf' (per restart); 0 = each attack's default (1000 and 100).
+    cw_learning_rate: Adam's learning rate of 'cw_l2' and 'cw_linf'; 0 =
+      each attack's default (0.01, the reference's, and 0.1).
+    cw_binary_search_steps: binary-search steps over the constant c of 'cw_l2'.
+    cw_initial_const: the first constant c of 'cw_l2'.
+    cw_confidence: kappa of 'cw_l2' and 'cw_linf', the logit margin an
+      adversarial must exceed (0). 'cw_l2' (norm 'l2') keeps its closest
+      adversarial where its L2 norm is at most eps; 'cw_linf' (norm 'linf')
+      uses attack.restarts (`certjax.attacks.cw`).
     batch_size: examples per compiled attack call.
     split: split to attack; '' = config.data.eval_split.
     seed: seed of the attacks' randomness.
@@ -116,6 +130,11 @@ def default_config() -> ml_collections.ConfigDict:
       "restarts": 1,
       "num_target_classes": 9,
       "square_queries": 1000,
+      "cw_num_steps": 0,
+      "cw_learning_rate": 0.0,
+      "cw_binary_search_steps": 9,
+      "cw_initial_const": 1e-3,
+      "cw_confidence": 0.0,
       "batch_size": 500,
       "split": "",
       "seed": 0,
@@ -181,6 +200,11 @@ def build_attacks(attack_config: Any, num_classes: int | None) -> List[Tuple[str
       if norm not in SQUARE_NORMS:
         raise ValueError(f"'square' supports norms {SQUARE_NORMS}; attack.norm is {norm!r}.")
       sequence.append(("square", make_square(norm=norm, num_queries=queries)))
+    elif name in ATTACK_NORMS:
+      if norm != ATTACK_NORMS[name]:
+        raise ValueError(f"{name!r} is an attack in the {ATTACK_NORMS[name]!r} norm; "
+                         f"attack.norm is {norm!r}.")
+      sequence.append(_cw_attack(name, cfg, restarts))
     else:
       sequence.extend(standard_attacks(
           norm, num_classes=num_classes, num_steps=steps, num_restarts=restarts,
@@ -191,6 +215,28 @@ def build_attacks(attack_config: Any, num_classes: int | None) -> List[Tuple[str
     raise ValueError(f"attack.attacks {tuple(names)} runs {repeated} twice "
                      "('autoattack_custom' already holds apgd_ce, apgd_t, fab_t and square).")
   return sequence
+
+
+def _cw_attack(name: str, cfg: Any, restarts: int) -> Tuple[str, AttackFn]:
+  """('cw-l2', ...) or ('cw-linf', ...) from the section's cw_* settings."""
+  steps = validation.check_int_at_least(cfg.get("cw_num_steps", 0), "attack.cw_num_steps", 0)
+  learning_rate = cfg.get("cw_learning_rate", 0.0)
+  validation.check_positive(learning_rate, "attack.cw_learning_rate", allow_zero=True)
+  confidence = cfg.get("cw_confidence", 0.0)
+  validation.check_positive(confidence, "attack.cw_confidence", allow_zero=True)
+  settings = {"confidence": float(confidence)}
+  if steps:
+    settings["num_steps"] = steps
+  if float(learning_rate) > 0:
+    settings["learning_rate"] = float(learning_rate)
+  if name == "cw_linf":
+    return "cw-linf", make_cw_linf(num_restarts=restarts, **settings)
+  searches = validation.check_int_at_least(cfg.get("cw_binary_search_steps", 9),
+                                           "attack.cw_binary_search_steps", 1)
+  initial_const = cfg.get("cw_initial_const", 1e-3)
+  validation.check_positive(initial_const, "attack.cw_initial_const")
+  return "cw-l2", make_cw_l2(binary_search_steps=searches,
+                             initial_const=float(initial_const), **settings)
 
 
 def suite_of(settings: Any) -> str:

@@ -21,6 +21,9 @@ from certjax import attacks
 from tests.attacks.conftest import EPS, fast_jit
 
 ROWS = [
+    ("cw_l2", attacks.make_cw_l2, {"num_steps": 5, "binary_search_steps": 2,
+                                   "learning_rate": 0.1}),
+    ("cw_linf", attacks.make_cw_linf, {"num_steps": 5, "num_restarts": 2}),
     ("fgsm", attacks.make_fgm, {"norm": "linf"}),
     ("fgm_l2", attacks.make_fgm, {"norm": "l2"}),
     ("pgd_restarts", attacks.make_pgd, {"num_steps": 3, "num_restarts": 2,
