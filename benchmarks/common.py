@@ -28,7 +28,8 @@ KINDS = ("training",         # train_throughput.py
          "smoothing",        # smoothing.py
          "smoothing_peers",  # smoothing_peers.py
          "scaling",          # scaling.py
-         "many_models")      # many_models.py
+         "many_models",      # many_models.py
+         "transforms")       # transforms.py
 
 
 def versions() -> dict[str, str]:

@@ -23,7 +23,8 @@ REFERENCE_DIR = os.path.join(ROOT, "benchmarks", "reference", "cpu-2core")
 SCRIPT_KINDS = {"train_throughput.py": "training", "attacks.py": "attacks",
                 "bounds.py": "bounds", "smoothing.py": "smoothing",
                 "smoothing_peers.py": "smoothing_peers", "scaling.py": "scaling",
-                "many_models.py": "many_models"}
+                "many_models.py": "many_models", "cw.py": "attacks",
+                "transforms.py": "transforms"}
 # accelerator_suite.py writes reports of four kinds (checked by
 # test_accelerator_suite.py); accelerator_wheels.py writes none.
 NOT_SCRIPTS = {"__init__.py", "common.py", "reports.py", "accelerator_suite.py",
@@ -75,7 +76,8 @@ def test_every_committed_reference_report_is_read_by_its_kind():
       "smoothing_mlp.json": "smoothing", "smoothing_resnet110.json": "smoothing",
       "smoothing_peers_omp_passive.json": "smoothing_peers",
       "smoothing_peers_torch_default.json": "smoothing_peers",
-      "train_throughput.json": "training", "many_models.json": "many_models"}
+      "train_throughput.json": "training", "many_models.json": "many_models",
+      "cw.json": "attacks", "cw_peers.json": "attacks", "transforms.json": "transforms"}
   # Every kind has a reference report, so notebook 03 draws every chart.
   assert all(reports.by_kind(found).values())
 
