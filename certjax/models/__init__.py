@@ -8,7 +8,8 @@ Every model normalises its input as its first layer, so perturbation sizes are
 in [0, 1] pixel space; dataset statistics live in `certjax.data`.
 """
 
-from certjax.models.base import ImageClassifier, Normalize, check_model_input
+from certjax.models.base import (ImageClassifier, InputTransformed, Normalize,
+                                 check_model_input)
 from certjax.models.convnets import CNN7, ConvSpec, IBPConvNet
 from certjax.models.mlp import MLP
 from certjax.models.registry import (MODEL_NAMES, count_params, get_model,
@@ -17,6 +18,7 @@ from certjax.models.registry import (MODEL_NAMES, count_params, get_model,
 from certjax.models.resnets import CifarResNet, PreActResNet, WideResNet
 
 __all__ = [
+    "InputTransformed",
     "CNN7",
     "CifarResNet",
     "ConvSpec",

@@ -154,3 +154,25 @@ def global_average_pool(x: jax.Array) -> jax.Array:
 
 def flatten(x: jax.Array) -> jax.Array:
   return x.reshape((x.shape[0], -1))
+
+
+class InputTransformed(nn.Module):
+  """A model behind a fixed, deterministic input transformation it was trained with.
+
+  Thermometer encoding (Buckman et al. 2018) is the example: the network
+  sees `transform(x)` (more channels than `x`), yet its callers still pass
+  images in [0, 1], so attacks and evaluators treat it like any model.
+  `transformed=True` feeds an already transformed input to the inner
+  network: what an adaptive attacker needs to put a differentiable
+  approximation of `transform` in front of it (BPDA, Athalye et al. 2018).
+
+  Attributes:
+    inner: the network applied to the transformed input.
+    transform: `x -> transform(x)`, deterministic and traceable.
+  """
+  inner: nn.Module
+  transform: Any
+
+  @nn.compact
+  def __call__(self, x: Any, train: bool = False, transformed: bool = False) -> jax.Array:
+    return self.inner(x if transformed else self.transform(x), train=train)

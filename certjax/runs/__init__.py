@@ -2,7 +2,8 @@
 
   checkpoints: config.json, orbax checkpoints, `restore_model(workdir)` onto
     the current mesh, `restore_models(workdir)` for the K models of a
-    many-models run, `build_model(config, info)`, `resolve_step`; every
+    many-models run, `build_model(config, info)` (behind
+    `model_input_transform(config)` when it has one), `resolve_step`; every
     restore verifies the checkpoint first.
   signing: signed checkpoints (a manifest of file hashes signed with an EC
     key through sigstore's model-signing), keys, trust store, policy.
@@ -26,6 +27,7 @@ from certjax.runs.checkpoints import checkpoint_steps
 from certjax.runs.checkpoints import config_to_dict
 from certjax.runs.checkpoints import load_trained
 from certjax.runs.checkpoints import make_manager
+from certjax.runs.checkpoints import model_input_transform
 from certjax.runs.checkpoints import read_config
 from certjax.runs.checkpoints import resolve_step
 from certjax.runs.checkpoints import restore_latest
@@ -56,7 +58,8 @@ __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "CheckpointVerificationError", "Progress", "Resumed",
     "SigningPolicy", "TrainedModel", "TrainedModels", "append_jsonl", "atomic_write_json", "atomic_write_text",
     "build_model", "checkpoint_steps", "config_to_dict", "enable_compilation_cache",
-    "load_trained", "make_manager", "policy_from_config", "quiet_library_logs", "read_config",
+    "load_trained", "make_manager", "model_input_transform", "policy_from_config",
+    "quiet_library_logs", "read_config",
     "read_json", "read_jsonl", "resolve_step", "restore_latest", "restore_model", "restore_models",
     "restore_variables", "resume", "save_checkpoint", "sign_step", "step_directory",
     "subprocess_env", "verify_checkpoint", "verify_step", "write_config",

@@ -46,6 +46,7 @@ from jax.sharding import Mesh
 from certjax import data as data_lib
 from certjax import models as models_lib
 from certjax import parallel
+from certjax.defences import transforms as transforms_lib
 from certjax.runs import files
 from certjax.runs import signing
 
@@ -284,10 +285,43 @@ def build_model(config: Any, info: data_lib.DatasetInfo, *, compute_dtype: str |
   dtype_name = compute_dtype or config.get("compute_dtype", "float32")
   if dtype_name not in COMPUTE_DTYPES:
     raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}; got {dtype_name!r}.")
-  return models_lib.get_model(
-      config.model.name, num_classes=info.num_classes, mean=info.mean, std=info.std,
+  transform = model_input_transform(config)
+  factor = 1 if transform is None else transform.output_channels_factor
+  # Channel c of the image becomes channels c*factor .. c*factor+factor-1 of
+  # the transformed input (thermometer encoding), which keep its statistics.
+  model = models_lib.get_model(
+      config.model.name, num_classes=info.num_classes,
+      mean=tuple(float(m) for m in info.mean for _ in range(factor)),
+      std=tuple(float(s) for s in info.std for _ in range(factor)),
       dtype=COMPUTE_DTYPES[dtype_name], conv_impl=config.model.get("conv_impl", "xla"),
       **dict(config.model.get("kwargs", {}) or {}))
+  if transform is None:
+    return model
+  fixed_key = jax.random.key(0)  # the transform is deterministic: the key is unused
+  return models_lib.InputTransformed(model, lambda x: transform.forward(fixed_key, x))
+
+
+def model_input_transform(config: Any):
+  """The `InputTransform` of `config.model.input_transform`, or None when there is none.
+
+  A model trained behind an input transformation (thermometer encoding,
+  Buckman et al. 2018) holds it inside (`models.InputTransformed`), so every
+  evaluator sees a model of images in [0, 1].
+
+  Raises:
+    ValueError: an unknown transformation or setting, or a randomised one (a
+      checkpoint's model must be a deterministic function of its input).
+  """
+  name = config.model.get("input_transform", "")
+  if not name:
+    return None
+  transform = transforms_lib.get_transform(
+      str(name), **dict(config.model.get("input_transform_kwargs", {}) or {}))
+  if transform.randomized:
+    raise ValueError(f"model.input_transform={name!r} is randomised; a model can be trained "
+                     "behind a deterministic transformation only (e.g. 'thermometer', "
+                     "'bit_depth', 'jpeg').")
+  return transform
 
 
 class TrainedModel(NamedTuple):

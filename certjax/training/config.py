@@ -41,13 +41,14 @@ from certjax import validation
 from certjax.models import layers as models_layers
 from certjax.runs import provenance as provenance_lib
 from certjax.runs import signing as signing_lib
+from certjax.runs import checkpoints as runs_checkpoints
 from certjax.runs.checkpoints import COMPUTE_DTYPES
 from certjax.training import objectives, optim
 
 # Sub-configurations whose keys are checked elsewhere: model kwargs by the
 # model constructor, objective hyperparameters by the objective registry,
 # evaluations during training by `validate_evals`.
-_FREE_FORM = ("model.kwargs", "objective", "evals")
+_FREE_FORM = ("model.kwargs", "model.input_transform_kwargs", "objective", "evals")
 # Keys of a `config.evals` entry that are not evaluator settings.
 EVAL_ENTRY_KEYS = ("type", "every_steps", "skip", "max")
 # Evaluator settings that have no meaning during training.
@@ -62,7 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
   # conv_impl: 'xla' (nn.Conv) or 'im2col' (the same convolution as one matrix
   # product; faster on CPU for small strided CNNs, slower for ResNets: see
   # certjax/models/layers.py). Checkpoints do not depend on it.
-  c.model = ml_collections.ConfigDict({"name": "mlp", "kwargs": {}, "conv_impl": "xla"})
+  # input_transform: '' or a deterministic transformation of
+  # certjax.defences.transforms the model is trained and deployed behind
+  # (e.g. 'thermometer' with input_transform_kwargs={'levels': 16}).
+  c.model = ml_collections.ConfigDict({"name": "mlp", "kwargs": {}, "conv_impl": "xla",
+                                       "input_transform": "",
+                                       "input_transform_kwargs": {}})
   c.objective = objectives.objective_defaults("standard")
   c.optimizer = optim.default_optimizer_config()
   c.batch_size = 128            # global, over all devices and hosts
@@ -193,6 +199,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"num_models={config.num_models} (data.membership={config.data.membership!r}) trains "
         "several: clear config.evals and evaluate the workdir afterwards (python -m "
         "launch.evaluate).")
+  runs_checkpoints.model_input_transform(config)
   objectives.check_objective_config(config.objective)
   validation.check_choice(config.optimizer.name, "optimizer.name", optim.OPTIMIZERS)
   validation.check_choice(config.optimizer.schedule, "optimizer.schedule", optim.SCHEDULES)

@@ -3,10 +3,13 @@
   standard      softmax cross-entropy (`standard.py`);
   adversarial   'pgd_at', 'trades', 'fast_at' (`adversarial.py`);
   certified     'ibp', 'crown_ibp' (`certified.py`);
-  smoothing     'gaussian', 'smoothadv', 'macer', 'consistency' (`smoothing.py`).
+  smoothing     'gaussian', 'smoothadv', 'macer', 'consistency' (`smoothing.py`);
+  defences      'distillation' (`distillation.py`: defensive distillation's teacher
+                and student).
 
 Each module imports the pure pieces it needs from the algorithm packages
-(`certjax.attacks`, `certjax.bounds`, `certjax.smoothing`) and registers its
+(`certjax.attacks`, `certjax.bounds`, `certjax.smoothing`,
+`certjax.defences`) and registers its
 factories with `register_objective` (`registry.py`) when imported; this
 package imports all of them, so every objective is registered once
 `certjax.training.objectives` is imported. The algorithm packages never
@@ -27,10 +30,11 @@ from certjax.training.objectives import standard  # pylint: disable=g-bad-import
 from certjax.training.objectives import adversarial
 from certjax.training.objectives import certified
 from certjax.training.objectives import smoothing
+from certjax.training.objectives import distillation
 
 __all__ = [
     "LossFn", "ObjectiveContext", "accuracy", "adversarial", "certified",
-    "check_objective_config", "cross_entropy",
+    "check_objective_config", "cross_entropy", "distillation",
     "get_objective", "objective_defaults", "objective_names", "register_objective",
     "smoothing", "standard",
 ]
