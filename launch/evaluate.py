@@ -17,6 +17,10 @@ of the config:
                                many-models run (configs/membership.py)
   property   (config.property)   property inference on the shadow models of a
                                many-models run (configs/property.py)
+  defences   (config.defence)  inference-time defences (input transformations,
+                               distillation, thermometer, ensembles, detectors)
+                               under naive and adaptive attacks, with
+                               gradient-masking diagnostics (configs/defences.py)
 
 Give the config the model was trained with, plus overrides of that section
 and of `config.skip` / `config.max` (every skip-th image of the split below

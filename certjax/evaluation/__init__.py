@@ -20,6 +20,10 @@
     iDLG, Inverting Gradients) scored by PSNR/SSIM and label recovery.
   property: 'property' (section `property`): property inference (Ganju et
     al. 2018) over the shadow models of a many-models run.
+  defences: 'defences' (section `defence`): inference-time defences (input
+    transformations, distillation, thermometer encoding, ensembles,
+    detectors) under the naive and the adaptive attack (BPDA, EOT, CW, joint
+    classifier + detector), with gradient-masking diagnostics.
   plots: every picture of a result.
   workdir: `evaluate_workdir(config, workdir, name)` on a trained workdir.
 
@@ -48,6 +52,7 @@ from certjax.evaluation.registry import validate_settings
 # Imported for their registrations (and as the evaluators' public home).
 from certjax.evaluation import certified  # pylint: disable=g-bad-import-order
 from certjax.evaluation import common
+from certjax.evaluation import defences
 from certjax.evaluation import extraction
 from certjax.evaluation import inversion
 from certjax.evaluation import membership
@@ -59,7 +64,7 @@ from certjax.evaluation.workdir import evaluate_workdir
 
 __all__ = [
     "EvalContext", "EvalData", "EvalResult", "EvalSetup", "Evaluator", "EvaluatorSpec",
-    "certified", "common", "evaluate_workdir", "evaluator_defaults", "evaluator_names",
+    "certified", "common", "defences", "evaluate_workdir", "evaluator_defaults", "evaluator_names",
     "extraction",
     "get_evaluator", "get_spec", "inversion", "membership", "merged_settings", "plots", "property",
     "register_evaluator", "robust",
