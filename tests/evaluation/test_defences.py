@@ -102,3 +102,19 @@ def test_randomised_input_transform_cannot_be_trained_into_a_model():
                                                "model.input_transform_kwargs": {}})
   with pytest.raises(ValueError, match="randomised"):
     config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -5.0])
+def test_distillation_temperature_must_be_positive(tmp_path, temperature):
+  from certjax.training import train as train_lib  # pylint: disable=import-outside-toplevel
+  config = smoke_config("defences", "teacher", {"objective.temperature": temperature})
+  with pytest.raises(ValueError, match="objective.temperature must be a finite number > 0"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_student_without_a_trained_teacher_is_a_clear_error(tmp_path):
+  from certjax.training import train as train_lib  # pylint: disable=import-outside-toplevel
+  config = smoke_config("defences", "student",
+                        {"objective.teacher_workdir": str(tmp_path / "no_teacher")})
+  with pytest.raises(FileNotFoundError):
+    train_lib.train_and_evaluate(config, str(tmp_path / "student"))
