@@ -41,6 +41,8 @@ _DEFAULTS: dict[str, Any] = {
     "property_class": -1,
     "property_fractions": (0.8, 0.2),
     "property_subset_size": 0,
+    "replace_file": "",
+    "exclude_file": "",
 }
 
 ACCEPTED_FIELDS = tuple(_DEFAULTS)
@@ -102,6 +104,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       train on `property_subset_size` examples (0: half the split) of which
       a share property_fractions[0] is of class `property_class`, odd models
       a share property_fractions[1].
+    replace_file: an .npz (`indices`, uint8 `images`, int `labels`) whose
+      examples replace those train-split examples: a poisoned training set,
+      recorded so a run can be reproduced and audited
+      (`certjax.data.sources.EditedSource`; the training loop writes it
+      from `config.poison`).
+    exclude_file: an .npy (or .npz with `indices`) of train-split indices to
+      leave out: a sanitised training set (the poison a defence removed).
   """
   return ml_collections.ConfigDict(dict(_DEFAULTS))
 
@@ -179,6 +188,10 @@ def validate_data_config(data_config: Any) -> ml_collections.FrozenConfigDict:
     raise ValueError("data_config.membership_file must be set exactly when "
                      f"data_config.membership='file' (got membership={cfg['membership']!r}, "
                      f"membership_file={cfg['membership_file']!r}).")
+  for key in ("replace_file", "exclude_file"):
+    if not isinstance(cfg[key], str):
+      raise ValueError(f"data_config.{key} must be a path string ('' for none), got "
+                       f"{cfg[key]!r}.")
   if cfg["membership"] == "property":
     if isinstance(cfg["property_class"], bool) or not isinstance(cfg["property_class"], int) or (
         cfg["property_class"] < 0):

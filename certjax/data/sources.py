@@ -159,6 +159,117 @@ class SlicedSource:
     return self.base.fetch_list(np.asarray(indices) + self.start)
 
 
+@dataclasses.dataclass(frozen=True)
+class EditedSource:
+  """A split with some examples replaced and some left out (poisoned / sanitised sets).
+
+  Position p of this source is example `keep[p]` of `base`; where that example
+  is one of `replaced_indices` (sorted), its image and label come from
+  `replaced_images` / `replaced_labels` instead. Indices always refer to the
+  unedited split, so a poison record and a defence's removal list compose.
+  """
+
+  base: Any
+  keep: np.ndarray
+  replaced_indices: np.ndarray
+  replaced_images: np.ndarray
+  replaced_labels: np.ndarray
+
+  @property
+  def image_shape(self) -> tuple[Any, ...]:
+    return self.base.image_shape
+
+  def __len__(self) -> int:
+    return int(self.keep.shape[0])
+
+  def _replacements(self, original: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of `original` that are replaced, their rows in the replacement arrays)."""
+    if not len(self.replaced_indices):
+      return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    where = np.searchsorted(self.replaced_indices, original)
+    where = np.minimum(where, len(self.replaced_indices) - 1)
+    hit = self.replaced_indices[where] == original
+    return np.nonzero(hit)[0], where[hit]
+
+  def fetch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    original = self.keep[np.asarray(indices, np.int64)]
+    images, labels = self.base.fetch(original)
+    rows, sources = self._replacements(original)
+    if len(rows):
+      images, labels = np.array(images), np.array(labels)
+      images[rows] = self.replaced_images[sources]
+      labels[rows] = self.replaced_labels[sources]
+    return images, labels
+
+  def fetch_list(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    original = self.keep[np.asarray(indices, np.int64)]
+    images, labels = self.base.fetch_list(original)
+    rows, sources = self._replacements(original)
+    if len(rows):
+      images, labels = list(images), np.array(labels)
+      for row, source_row in zip(rows.tolist(), sources.tolist()):
+        images[row] = self.replaced_images[source_row]
+        labels[row] = self.replaced_labels[source_row]
+    return images, labels
+
+
+def _read_index_file(path: str, what: str, n: int) -> np.ndarray:
+  try:
+    loaded = np.load(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"data_config.{what} {path!r} cannot be read: {e}") from None
+  indices = loaded["indices"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+  indices = np.asarray(indices)
+  if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+    raise ValueError(f"data_config.{what} {path!r} must hold a 1-D integer array of indices; "
+                     f"got {indices.dtype} {indices.shape}.")
+  if len(indices) and (indices.min() < 0 or indices.max() >= n):
+    raise ValueError(f"data_config.{what} {path!r} holds indices outside 0..{n - 1}, the "
+                     "train split it edits.")
+  if len(np.unique(indices)) != len(indices):
+    raise ValueError(f"data_config.{what} {path!r} repeats an index.")
+  return np.sort(indices.astype(np.int64))
+
+
+def edit_source(source: Any, replace_file: str, exclude_file: str) -> Any:
+  """`source` with the examples of `replace_file` replaced and those of `exclude_file` left out.
+
+  Raises:
+    ValueError: an unreadable file, indices outside the split, repeated
+      indices, images of another shape or not uint8, or nothing left.
+  """
+  if not replace_file and not exclude_file:
+    return source
+  n = len(source)
+  replaced = np.zeros(0, np.int64)
+  images = np.zeros((0, *source.image_shape), np.uint8)
+  labels = np.zeros(0, np.int32)
+  if replace_file:
+    replaced = _read_index_file(replace_file, "replace_file", n)
+    with np.load(replace_file) as record:
+      missing = [k for k in ("indices", "images", "labels") if k not in record]
+      if missing:
+        raise ValueError(f"data_config.replace_file {replace_file!r} lacks {missing}; it "
+                         "needs indices, images and labels.")
+      images, labels = np.asarray(record["images"]), np.asarray(record["labels"])
+      order = np.argsort(np.asarray(record["indices"]), kind="stable")
+    if len(images) == len(order) and labels.shape == order.shape:
+      images, labels = images[order], labels[order]
+    if images.dtype != np.uint8 or tuple(images.shape[1:]) != tuple(source.image_shape) or (
+        len(images) != len(replaced) or labels.shape != replaced.shape):
+      raise ValueError(
+          f"data_config.replace_file {replace_file!r} must hold one uint8 image of shape "
+          f"{tuple(source.image_shape)} and one label per index; got images {images.dtype} "
+          f"{images.shape}, labels {labels.shape}, {len(replaced)} indices.")
+    labels = labels.astype(np.int32)
+  keep = np.arange(n, dtype=np.int64)
+  if exclude_file:
+    keep = np.setdiff1d(keep, _read_index_file(exclude_file, "exclude_file", n))
+    if not len(keep):
+      raise ValueError(f"data_config.exclude_file {exclude_file!r} leaves out every example.")
+  return EditedSource(source, keep, replaced, images, labels)
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -371,5 +482,10 @@ def open_source(cfg: Any, split: str) -> Any:
     source = ArraySource(images, labels)
   else:
     # TFDS applies its own slicing syntax, so the whole split string goes through.
-    return open_tfds(cfg.name, split, cfg.data_dir, cfg.download)
-  return slice_source(source, split, start, stop)
+    source = open_tfds(cfg.name, split, cfg.data_dir, cfg.download)
+    start = stop = None
+  source = slice_source(source, split, start, stop)
+  if split == cfg.train_split:
+    # A poisoned or sanitised training set: only the split it was recorded on.
+    source = edit_source(source, cfg.get("replace_file", ""), cfg.get("exclude_file", ""))
+  return source
