@@ -29,9 +29,11 @@ import io
 import json
 import os
 import weakref
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
@@ -359,3 +361,32 @@ def stacked_logits(apply_fn: Any, variables: Any, images: np.ndarray,
                                              chunk.dtype)])
     rows.append(np.asarray(jax.device_get(logits_all(variables, padded)))[:, :len(chunk)])
   return np.concatenate(rows, axis=1)
+
+
+def penultimate_features(apply_fn: Any, variables: Any) -> Callable[[Any], Any]:
+  """`x -> the input of the model's last Dense layer`, flattened to [batch, D] float32.
+
+  The feature layer of Lee et al.'s Mahalanobis detector, of spectral
+  signatures and of activation clustering. Found by intercepting every
+  `flax.linen.Dense` call of `apply_fn(variables, x, train=False)`, so it
+  works for any model whose head is a Dense layer.
+
+  Raises:
+    ValueError: (when called) the model has no Dense layer.
+  """
+
+  def features(x):
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context):
+      if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+        seen.append(args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      apply_fn(variables, x, train=False)
+    if not seen:
+      raise ValueError("The model has no Dense layer whose input could serve as features.")
+    return seen[-1].reshape(seen[-1].shape[0], -1).astype(jnp.float32)
+
+  return features

@@ -68,7 +68,6 @@ import functools
 import time
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -480,26 +479,6 @@ def diagnose_row(row: Row, naive: Any, naive_result: Any, x: np.ndarray, y: np.n
   return [{"name": f.name, "message": f.message, "evidence": f.evidence} for f in findings]
 
 
-def _penultimate_features(apply_fn: Any, variables: Any) -> Callable[[Any], Any]:
-  """`x -> the input of the model's last Dense layer` (Lee et al.'s feature layer)."""
-
-  def features(x):
-    seen = []
-
-    def interceptor(next_fun, args, kwargs, context):
-      if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-        seen.append(args[0])
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-      apply_fn(variables, x, train=False)
-    if not seen:
-      raise ValueError("Mahalanobis needs a model whose last layer is a Dense layer.")
-    return seen[-1].reshape(seen[-1].shape[0], -1).astype(jnp.float32)
-
-  return features
-
-
 def build_detector(name: str, logits_fn: Callable[[Any], Any], apply_fn: Any, variables: Any,
                    settings: Any, calibration: tuple[np.ndarray, np.ndarray],
                    num_classes: int, adaptive: bool) -> Any:
@@ -514,7 +493,7 @@ def build_detector(name: str, logits_fn: Callable[[Any], Any], apply_fn: Any, va
       squeezers.append(forward)
     return detectors_lib.feature_squeezing(logits_fn, squeezers)
   if name == "mahalanobis":
-    features_fn = _penultimate_features(apply_fn, variables)
+    features_fn = common.penultimate_features(apply_fn, variables)
     stats = detectors_lib.fit_mahalanobis(features_fn, calibration[0], calibration[1],
                                           num_classes)
     return detectors_lib.mahalanobis(features_fn, stats,

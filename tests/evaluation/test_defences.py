@@ -118,3 +118,19 @@ def test_student_without_a_trained_teacher_is_a_clear_error(tmp_path):
                         {"objective.teacher_workdir": str(tmp_path / "no_teacher")})
   with pytest.raises(FileNotFoundError):
     train_lib.train_and_evaluate(config, str(tmp_path / "student"))
+
+
+def test_penultimate_features_are_the_input_of_the_last_dense_layer():
+  import jax  # pylint: disable=import-outside-toplevel
+  model = models_lib.get_model("mlp", num_classes=3, mean=(0.5,), std=(0.25,), hidden=(5,))
+  variables = models_lib.init_variables(model, jax.random.key(0), (1, 4, 4, 1))
+  x = np.random.default_rng(0).random((6, 4, 4, 1)).astype(np.float32)
+  features = common.penultimate_features(model.apply, variables)(x)
+  params = variables["params"]
+  dense = [params[k] for k in sorted(params) if "kernel" in params[k]]
+  hidden = np.maximum(((x - 0.5) / 0.25).reshape(6, -1) @ dense[0]["kernel"] + dense[0]["bias"],
+                      0.0)
+  np.testing.assert_allclose(features, hidden, rtol=1e-5, atol=1e-6)
+  logits = model.apply(variables, x)
+  np.testing.assert_allclose(features @ dense[1]["kernel"] + dense[1]["bias"], logits,
+                             rtol=1e-5, atol=1e-5)
