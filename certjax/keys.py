@@ -28,7 +28,8 @@ TRAINING_STEPS = "training/steps"    # per-step keys of the objective: fold_in(.
 CERTIFY = "certify"                  # smoothing noise: fold_in(., dataset index)
 ATTACK = "attack"                    # robust-accuracy attacks
 EVALUATION = "evaluation"            # any other evaluator's randomness
-STREAMS = (TRAINING_INIT, TRAINING_STEPS, CERTIFY, ATTACK, EVALUATION)
+POISON = "poison"                    # the poisoning stage (certjax.training.poison)
+STREAMS = (TRAINING_INIT, TRAINING_STEPS, CERTIFY, ATTACK, EVALUATION, POISON)
 
 
 def stream_tag(stream: str) -> int:

@@ -44,11 +44,13 @@ from certjax.runs import signing as signing_lib
 from certjax.runs import checkpoints as runs_checkpoints
 from certjax.runs.checkpoints import COMPUTE_DTYPES
 from certjax.training import objectives, optim
+from certjax.training import poison as poison_lib
 
 # Sub-configurations whose keys are checked elsewhere: model kwargs by the
 # model constructor, objective hyperparameters by the objective registry,
 # evaluations during training by `validate_evals`.
-_FREE_FORM = ("model.kwargs", "model.input_transform_kwargs", "objective", "evals")
+_FREE_FORM = ("model.kwargs", "model.input_transform_kwargs", "poison.trigger_kwargs",
+              "objective", "evals")
 # Keys of a `config.evals` entry that are not evaluator settings.
 EVAL_ENTRY_KEYS = ("type", "every_steps", "skip", "max")
 # Evaluator settings that have no meaning during training.
@@ -92,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
     spec = evaluation.get_spec(name)
     c[spec.section] = spec.default_config()
   c.evals = ml_collections.ConfigDict()
+  # A recorded poisoning stage on the train split (certjax.training.poison).
+  c.poison = poison_lib.default_config()
   c.signing = signing_lib.default_config()
   # Examples of the training split hashed into provenance.json, evenly spaced
   # when the split is larger (-1: all; 0: none). Decoding dominates the cost.
@@ -200,6 +204,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "several: clear config.evals and evaluate the workdir afterwards (python -m "
         "launch.evaluate).")
   runs_checkpoints.model_input_transform(config)
+  poison_lib.validate(config.poison)
   objectives.check_objective_config(config.objective)
   validation.check_choice(config.optimizer.name, "optimizer.name", optim.OPTIMIZERS)
   validation.check_choice(config.optimizer.schedule, "optimizer.schedule", optim.SCHEDULES)

@@ -40,6 +40,7 @@ from certjax.runs import provenance as provenance_lib
 from certjax.training import config as config_lib
 from certjax.training import metrics as metrics_lib
 from certjax.training import many as many_lib
+from certjax.training import poison as poison_lib
 from certjax.training import state as state_lib
 from certjax.training.state import TrainState, create_train_state, train_step_fn
 
@@ -192,6 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   config_lib.validate_config(config)
   config = config_lib.with_defaults(config)
+  # A poisoned run trains on its recorded poison (config.data.replace_file).
+  config = poison_lib.prepare(config, workdir)
   if config_lib.is_many_models(config):
     return many_lib.train_many(config, workdir)
   info = data_lib.get_info(config.data)
