@@ -24,6 +24,10 @@
     transformations, distillation, thermometer encoding, ensembles,
     detectors) under the naive and the adaptive attack (BPDA, EOT, CW, joint
     classifier + detector), with gradient-masking diagnostics.
+  backdoor: 'backdoor' (section `backdoor`): clean accuracy and attack
+    success of a poisoned run, and the poison detectors (spectral
+    signatures, activation clustering, Neural Cleanse, STRIP) scored
+    against its poison record.
   plots: every picture of a result.
   workdir: `evaluate_workdir(config, workdir, name)` on a trained workdir.
 
@@ -50,7 +54,8 @@ from certjax.evaluation.registry import merged_settings
 from certjax.evaluation.registry import register_evaluator
 from certjax.evaluation.registry import validate_settings
 # Imported for their registrations (and as the evaluators' public home).
-from certjax.evaluation import certified  # pylint: disable=g-bad-import-order
+from certjax.evaluation import backdoor  # pylint: disable=g-bad-import-order
+from certjax.evaluation import certified
 from certjax.evaluation import common
 from certjax.evaluation import defences
 from certjax.evaluation import extraction
@@ -64,7 +69,7 @@ from certjax.evaluation.workdir import evaluate_workdir
 
 __all__ = [
     "EvalContext", "EvalData", "EvalResult", "EvalSetup", "Evaluator", "EvaluatorSpec",
-    "certified", "common", "defences", "evaluate_workdir", "evaluator_defaults", "evaluator_names",
+    "backdoor", "certified", "common", "defences", "evaluate_workdir", "evaluator_defaults", "evaluator_names",
     "extraction",
     "get_evaluator", "get_spec", "inversion", "membership", "merged_settings", "plots", "property",
     "register_evaluator", "robust",

@@ -415,3 +415,48 @@ def defence_accuracy_figure(rows: Sequence[Mapping[str, Any]], eps_list: Sequenc
   ax.set_title(title or "defences under naive and adaptive attacks", fontsize=9)
   fig.tight_layout()
   return fig
+
+
+def backdoor_figure(clean: Any, triggered: Any, reversed_triggers: Any = None, *,
+                    title: str = "", target: int | None = None):
+  """A clean image, its triggered copy and their difference; then Neural Cleanse's masks.
+
+  Args:
+    clean: [H, W, C] image in [0, 1].
+    triggered: the same image with the trigger (None for label flipping).
+    reversed_triggers: (masks [K, H, W], anomaly indices [K]) of Neural
+      Cleanse, or None.
+    title: the figure's title.
+    target: the backdoor's target class (its mask is framed in red).
+  """
+  num_classes = 0 if reversed_triggers is None else len(reversed_triggers[0])
+  columns = max(3, num_classes)
+  rows = 1 + (num_classes > 0)
+  fig = _figure(1.3 * columns, 1.6 * rows + 0.4)
+
+  def show(position, image, label, cmap="gray", frame=None):
+    ax = fig.add_subplot(rows, columns, position)
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+      image = image[..., 0]
+    ax.imshow(np.clip(image, 0, 1), cmap=cmap, vmin=0, vmax=1)
+    ax.set_title(label, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if frame:
+      for spine in ax.spines.values():
+        spine.set_edgecolor(frame)
+        spine.set_linewidth(2)
+
+  show(1, clean, "clean")
+  if triggered is not None:
+    show(2, triggered, "triggered")
+    show(3, np.abs(np.asarray(triggered) - np.asarray(clean)) * 4, "|difference| x 4")
+  if num_classes:
+    masks, index = reversed_triggers
+    for k in range(num_classes):
+      show(columns + k + 1, masks[k], f"class {k}\nanomaly {float(index[k]):.2f}",
+           cmap="magma", frame="red" if target == k else None)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return fig

@@ -1,0 +1,358 @@
+"""'backdoor': clean accuracy, attack success and the detection defences on a poisoned run.
+
+Settings: the `backdoor` section of a config (`default_config`). The workdir
+must hold a poison record (`certjax.runs.poison`, written when the run was
+trained with `config.poison`); without one the evaluator says so. It reports:
+
+  * CA: clean accuracy on the selected eval images;
+  * ASR: for a backdoor, the share of the selected eval images NOT of the
+    target class (all-to-one; every image for all-to-all) that the model
+    sends to the backdoor's label once the recorded trigger is applied; for
+    pairwise label flips, the share of source-class images predicted as the
+    target; none for random or greedy flips (they aim at CA);
+  * each defence of `defences` that finds poison, scored against the
+    record's poisoned indices:
+      spectral (Tran et al. 2018) and activation_clustering (Chen et al.
+        2019) on the penultimate features of the poisoned train split:
+        precision, recall and (spectral) AUC of what they remove;
+      neural_cleanse (Wang et al. 2019): the reversed trigger of every class
+        (one vmapped program), its mask norm and anomaly index, the flagged
+        classes and whether the true target is among them;
+      strip (Gao et al. 2019): the false-acceptance rate (FAR) of triggered
+        eval images at the threshold giving `strip_frr` false rejections of
+        clean ones, and the AUC.
+Writes `<workdir>/backdoor/results.{json,md,png}` (the PNG: a clean image,
+its triggered copy and the trigger, then the reversed trigger of every class
+with its anomaly index).
+
+Defences that retrain or fine-tune (retraining on what spectral signatures or
+activation clustering keep, fine-pruning, Neural Cleanse's unlearning) are
+training runs: train with `config.data.exclude_file` set to the removed
+indices this evaluator saves (`<output>/removed_<defence>.npy`).
+
+References:
+  Gu, Dolan-Gavitt, Garg. BadNets. 2017. Chen, Liu, Li, Lu, Song. Targeted
+    Backdoor Attacks on Deep Learning Systems Using Data Poisoning. 2017.
+  Nguyen, Tran. WaNet - Imperceptible Warping-based Backdoor Attack. ICLR 2021.
+  Tran, Li, Madry. Spectral Signatures in Backdoor Attacks. NeurIPS 2018.
+  Chen et al. Detecting Backdoor Attacks on Deep Neural Networks by
+    Activation Clustering. AAAI SafeAI 2019.
+  Wang et al. Neural Cleanse: Identifying and Mitigating Backdoor Attacks in
+    Neural Networks. IEEE S&P 2019.
+  Gao et al. STRIP: A Defence Against Trojan Attacks on Deep Neural
+    Networks. ACSAC 2019.
+  Wu et al. BackdoorBench. NeurIPS 2022 Datasets and Benchmarks (the CA /
+    ASR convention).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from certjax import data as data_lib
+from certjax import parallel
+from certjax import validation
+from certjax.defences import detectors as detectors_lib
+from certjax.evaluation import common
+from certjax.evaluation import plots
+from certjax.evaluation.registry import EvalContext, EvalData, EvalResult, EvalSetup
+from certjax.evaluation.registry import register_evaluator
+from certjax.poisoning import neural_cleanse as nc_lib
+from certjax.poisoning import sanitize
+from certjax.poisoning import triggers as triggers_lib
+from certjax.runs import files
+from certjax.runs import poison as poison_files
+
+NAME = "backdoor"
+SECTION = "backdoor"
+RESULTS_STEM = "results"
+DEFENCES = ("spectral", "activation_clustering", "neural_cleanse", "strip")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults of `config.backdoor`.
+
+  Fields:
+    defences: detection defences of DEFENCES to run ('' none).
+    expected_rate: spectral signatures' upper bound on the poisoned share
+      of a class (they remove 1.5 times it); 0 = the record's rate.
+    clean_size: clean eval-split images the defender holds (Neural Cleanse's
+      optimisation set, STRIP's overlays); taken from the start of the split.
+    nc_epochs, nc_batches_per_epoch, nc_batch_size, nc_learning_rate: Neural
+      Cleanse's optimisation (Wang et al.'s defaults: up to 1000 epochs,
+      early stopping; fewer fit a CPU).
+    strip_overlays: STRIP's superimposed images per input.
+    strip_frr: STRIP's false-rejection rate on clean images that sets its
+      threshold.
+    batch_size: examples per compiled call.
+    split: split to evaluate; '' = config.data.eval_split.
+    seed: the defences' randomness.
+    checkpoint_step: checkpoint to restore; -1 = the newest.
+    output_dir: '' = <workdir>/backdoor.
+  """
+  return ml_collections.ConfigDict({
+      "defences": DEFENCES,
+      "expected_rate": 0.0,
+      "clean_size": 500,
+      "nc_epochs": 30,
+      "nc_batches_per_epoch": 10,
+      "nc_batch_size": 32,
+      "nc_learning_rate": 0.1,
+      "strip_overlays": 16,
+      "strip_frr": 0.01,
+      "batch_size": 500,
+      "split": "",
+      "seed": 0,
+      "checkpoint_step": -1,
+      "output_dir": "",
+  })
+
+
+def validate_settings(settings: ml_collections.ConfigDict, setup: EvalSetup) -> None:
+  del setup
+  names = settings.defences
+  if isinstance(names, str):
+    raise ValueError(f"backdoor.defences must be a list of names from {DEFENCES}; got the "
+                     f"string {names!r}.")
+  for name in names or ():
+    validation.check_choice(name, "backdoor.defences", DEFENCES)
+  validation.check_positive(settings.expected_rate, "backdoor.expected_rate", allow_zero=True)
+  if settings.expected_rate > 1:
+    raise ValueError(f"backdoor.expected_rate must lie in [0, 1]; got {settings.expected_rate}.")
+  validation.check_int_at_least(settings.clean_size, "backdoor.clean_size", 2)
+  for key in ("nc_epochs", "nc_batches_per_epoch", "nc_batch_size", "strip_overlays",
+              "batch_size"):
+    validation.check_int_at_least(settings[key], f"backdoor.{key}", 1)
+  validation.check_positive(settings.nc_learning_rate, "backdoor.nc_learning_rate")
+  validation.check_in_open_interval(settings.strip_frr, "backdoor.strip_frr", 0.0, 1.0)
+  validation.check_int_at_least(settings.seed, "backdoor.seed", 0)
+  validation.check_int_at_least(settings.checkpoint_step, "backdoor.checkpoint_step", -1)
+
+
+def _predict(logits_fn: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+  predict = jax.jit(lambda xb: jnp.argmax(logits_fn(xb), -1))
+  return np.concatenate([np.asarray(predict(x[s])) for s in common.batches(len(x), batch_size)])
+
+
+def attack_success(logits_fn: Any, x: np.ndarray, y: np.ndarray,
+                   record: poison_files.PoisonRecord, batch_size: int) -> dict[str, Any]:
+  """ASR of the recorded attack on eval images `x, y` (see the module docstring)."""
+  settings = record.summary["settings"]
+  attack = record.summary["attack"]
+  num_classes = int(record.summary["num_classes"])
+  target = int(settings["target_class"])
+  if record.trigger is not None:
+    mode = settings["mode"] if attack != "clean_label" else "all_to_one"
+    chosen = y != target if mode == "all_to_one" else np.ones(len(y), bool)
+    if not chosen.any():
+      return {"asr": None, "asr_examples": 0, "asr_note": "no eval image outside the target"}
+    apply = jax.jit(lambda xb: triggers_lib.apply_trigger(record.trigger, xb))
+    triggered = np.concatenate([np.asarray(apply(x[chosen][s]))
+                                for s in common.batches(int(chosen.sum()), batch_size)])
+    wanted = np.asarray(triggers_lib.target_labels(y[chosen], mode, target=target,
+                                                   num_classes=num_classes))
+    hits = _predict(logits_fn, triggered, batch_size) == wanted
+    return {"asr": float(np.mean(hits)), "asr_examples": int(chosen.sum())}
+  if attack == "label_flip_pairwise":
+    source = y == int(settings["source_class"])
+    if not source.any():
+      return {"asr": None, "asr_examples": 0, "asr_note": "no source-class eval image"}
+    hits = _predict(logits_fn, x[source], batch_size) == target
+    return {"asr": float(np.mean(hits)), "asr_examples": int(source.sum())}
+  return {"asr": None, "asr_examples": 0,
+          "asr_note": f"{attack} aims at clean accuracy; it has no attack success rate"}
+
+
+@register_evaluator(NAME, section=SECTION, default_config=default_config,
+                    validate=validate_settings,
+                    summary="backdoor CA/ASR and poison detection defences")
+def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
+  """The 'backdoor' evaluator for validated `settings` (see `default_config`)."""
+  validate_settings(settings, setup)
+  run_config = setup.run_config
+
+  def evaluate(ctx: EvalContext) -> EvalResult:
+    workdir = ctx.metadata.get("workdir") if ctx.metadata else None
+    if not workdir or run_config is None:
+      raise ValueError("The 'backdoor' evaluator reads the poison record of a workdir: run it "
+                       "with launch.evaluate on a run trained with config.poison.")
+    record = poison_files.read_record(str(workdir))
+    key = jax.random.key(int(settings.seed))
+    batch_size = int(settings.batch_size)
+    logits_fn = ctx.logits_fn()
+    x, y = common.load_all(ctx.data)
+    clean_accuracy = float(np.mean(_predict(logits_fn, x, batch_size) == y))
+    row: dict[str, Any] = {"attack": record.summary["attack"],
+                           "rate": record.summary["settings"]["rate"],
+                           "num_poisoned": record.summary["num_poisoned"],
+                           "clean_accuracy": clean_accuracy,
+                           **attack_success(logits_fn, x, y, record, batch_size)}
+    common.report(ctx, f"backdoor: CA {100 * clean_accuracy:.2f}%, ASR "
+                  + ("n/a" if row["asr"] is None else f"{100 * row['asr']:.2f}%"))
+    defences: dict[str, Any] = {}
+    names = tuple(settings.defences or ())
+    poisoned = record.indices[record.poisoned]
+    clean_set = EvalData.from_config(run_config.data, ctx.data.split or
+                                     run_config.data.eval_split, 1,
+                                     int(settings.clean_size) - 1)
+    x_clean, _ = common.load_all(clean_set)
+    figure_rows = {}
+    if {"spectral", "activation_clustering"} & set(names):
+      # The train split as the model saw it: the clean split with the record.
+      trained_on = ml_collections.ConfigDict(run_config.data.to_dict())
+      trained_on.replace_file = poison_files.record_path(str(workdir))
+      trained_on.exclude_file = ""
+      train_x, train_y = data_lib.load_split_uint8(trained_on, trained_on.train_split)
+      features_fn = jax.jit(common.penultimate_features(ctx.apply_fn, ctx.variables))
+      features = np.concatenate([
+          np.asarray(features_fn(train_x[s].astype(np.float32) / 255.0))
+          for s in common.batches(len(train_y), batch_size)])
+      num_train = len(train_y)
+      if "spectral" in names:
+        start = time.perf_counter()
+        rate = float(settings.expected_rate) or float(record.summary["settings"]["rate"])
+        result = sanitize.spectral_signatures(features, train_y, num_classes=ctx.num_classes,
+                                              expected_rate=min(rate, 1.0))
+        defences["spectral"] = {
+            **_scores(sanitize.detection_scores(result.removed, poisoned, num_train)),
+            "auc": float(sanitize.detection_scores(result.scores, poisoned,
+                                                   num_train)["auc"]),
+            "num_removed": int(len(result.removed)), "seconds": time.perf_counter() - start}
+        _save_removed(ctx, "spectral", result.removed)
+      if "activation_clustering" in names:
+        start = time.perf_counter()
+        result = sanitize.activation_clustering(features, train_y,
+                                                num_classes=ctx.num_classes,
+                                                seed=int(settings.seed))
+        defences["activation_clustering"] = {
+            **_scores(sanitize.detection_scores(result.removed, poisoned, num_train)),
+            "num_removed": int(len(result.removed)),
+            "flagged_classes": [c for c, stats in enumerate(result.per_class)
+                                if getattr(stats, "flagged", False)],
+            "seconds": time.perf_counter() - start}
+        _save_removed(ctx, "activation_clustering", result.removed)
+    target = int(record.summary["settings"]["target_class"])
+    if "neural_cleanse" in names:
+      start = time.perf_counter()
+      reversed_ = nc_lib.neural_cleanse(
+          jax.random.fold_in(key, 1), logits_fn, x_clean, num_classes=ctx.num_classes,
+          num_epochs=int(settings.nc_epochs),
+          batches_per_epoch=int(settings.nc_batches_per_epoch),
+          batch_size=int(settings.nc_batch_size), learning_rate=float(settings.nc_learning_rate))
+      anomaly = nc_lib.anomaly_index(reversed_.l1_norm)
+      flagged = [int(c) for c in np.nonzero(np.asarray(anomaly.flagged))[0]]
+      defences["neural_cleanse"] = {
+          "l1_norms": np.asarray(reversed_.l1_norm).tolist(),
+          "anomaly_index": np.asarray(anomaly.index).tolist(),
+          "attack_success_rates": np.asarray(reversed_.attack_success_rate).tolist(),
+          "flagged_classes": flagged, "target_flagged": target in flagged,
+          "target_anomaly_index": float(np.asarray(anomaly.index)[target]),
+          "seconds": time.perf_counter() - start}
+      figure_rows["neural_cleanse"] = (np.asarray(reversed_.mask),
+                                       np.asarray(anomaly.index))
+    if "strip" in names and record.trigger is not None:
+      start = time.perf_counter()
+      detector = detectors_lib.strip(logits_fn, x_clean,
+                                     num_overlays=int(settings.strip_overlays))
+      score = jax.jit(detector.score_fn)
+      chosen = y != target
+      apply = jax.jit(lambda xb: triggers_lib.apply_trigger(record.trigger, xb))
+      triggered = np.concatenate([np.asarray(apply(x[chosen][s]))
+                                  for s in common.batches(int(chosen.sum()), batch_size)])
+      clean_scores = np.concatenate([np.asarray(score(jax.random.fold_in(key, 10 + i), x[s]))
+                                     for i, s in enumerate(common.batches(len(x), batch_size))])
+      trojan_scores = np.concatenate([
+          np.asarray(score(jax.random.fold_in(key, 100_000 + i), triggered[s]))
+          for i, s in enumerate(common.batches(len(triggered), batch_size))])
+      metrics = detectors_lib.detection_metrics(clean_scores, trojan_scores,
+                                                fpr=float(settings.strip_frr))
+      defences["strip"] = {"frr": float(metrics["fpr"]),
+                           "far": 1.0 - float(metrics["detection_rate"]),
+                           "auc": float(metrics["auc"]), "threshold": float(metrics["threshold"]),
+                           "seconds": time.perf_counter() - start}
+    elif "strip" in names:
+      defences["strip"] = {"skipped": "no trigger: STRIP detects triggered inputs"}
+    table = results_table(row, defences, record, len(y))
+    metrics_out = {"clean_accuracy": clean_accuracy}
+    if row["asr"] is not None:
+      metrics_out["asr"] = row["asr"]
+    for name, result in defences.items():
+      for k in ("precision", "recall", "auc", "far", "target_anomaly_index"):
+        if k in result:
+          metrics_out[f"{name}/{k}"] = float(result[k])
+    payload = {"evaluator": NAME, "settings": settings.to_dict(),
+               "metadata": common.metadata_block(ctx), "poison": record.summary,
+               "result": row, "defences": defences}
+    sample = x[y != target][:1] if (y != target).any() else x[:1]
+    triggered_sample = (np.asarray(triggers_lib.apply_trigger(record.trigger, sample))
+                        if record.trigger is not None else None)
+    figure = plots.backdoor_figure(sample[0], None if triggered_sample is None
+                                   else triggered_sample[0], figure_rows.get("neural_cleanse"),
+                                   title=f"{record.summary['attack']} at rate "
+                                   f"{record.summary['settings']['rate']:g}: CA "
+                                   f"{100 * clean_accuracy:.1f}%"
+                                   + ("" if row["asr"] is None else
+                                      f", ASR {100 * row['asr']:.1f}%"), target=target)
+    artifacts = common.write_results(ctx.output_dir, RESULTS_STEM, payload, table, figure)
+    common.report(ctx, table)
+    return EvalResult(NAME, metrics_out, artifacts, table, details={"result": row,
+                                                                    "defences": defences})
+
+  return evaluate
+
+
+def _scores(scores: dict[str, Any]) -> dict[str, Any]:
+  return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float, np.floating,
+                                                                  np.integer))}
+
+
+def _save_removed(ctx: EvalContext, name: str, removed: np.ndarray) -> None:
+  """The removed indices as a data.exclude_file for retraining on the rest."""
+  if ctx.output_dir is None:
+    return
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(removed, np.int64))
+  if parallel.is_main_process():
+    os.makedirs(ctx.output_dir, exist_ok=True)
+    files.atomic_write_bytes(os.path.join(ctx.output_dir, f"removed_{name}.npy"),
+                             buffer.getvalue())
+
+
+def results_table(row: dict[str, Any], defences: dict[str, Any],
+                  record: poison_files.PoisonRecord, num_examples: int) -> str:
+  """The Markdown summary of one poisoned run."""
+  asr = "n/a" if row["asr"] is None else f"{100 * row['asr']:.2f}%"
+  lines = [f"Backdoor evaluation of a run poisoned by {row['attack']} (rate {row['rate']:g}, "
+           f"{row['num_poisoned']} poisoned training examples), on {num_examples} eval images.",
+           "", "| CA | ASR |", "|---|---|", f"| {100 * row['clean_accuracy']:.2f}% | {asr} |"]
+  if defences:
+    lines += ["", "| defence | result |", "|---|---|"]
+    for name, result in defences.items():
+      if "skipped" in result:
+        text = f"skipped: {result['skipped']}"
+      elif name in ("spectral", "activation_clustering"):
+        text = (f"removed {result['num_removed']}: precision {result.get('precision', 0):.3f}, "
+                f"recall {result.get('recall', 0):.3f}"
+                + (f", AUC {result['auc']:.3f}" if "auc" in result else ""))
+      elif name == "neural_cleanse":
+        text = (f"flagged classes {result['flagged_classes']} (target "
+                f"{int(record.summary['settings']['target_class'])} anomaly index "
+                f"{result['target_anomaly_index']:.2f})")
+      else:
+        text = (f"FAR {100 * result['far']:.2f}% at FRR {100 * result['frr']:.2f}%, AUC "
+                f"{result['auc']:.3f}")
+      lines.append(f"| {name} | {text} |")
+  return "\n".join(lines) + "\n"
+
+
+def read_results(path: str) -> dict[str, Any]:
+  """The results.json of a backdoor evaluation (a workdir, its backdoor/, or the file)."""
+  return common.read_results_json(path, SECTION, RESULTS_STEM)
