@@ -24,7 +24,8 @@ SCRIPT_KINDS = {"train_throughput.py": "training", "attacks.py": "attacks",
                 "bounds.py": "bounds", "smoothing.py": "smoothing",
                 "smoothing_peers.py": "smoothing_peers", "scaling.py": "scaling",
                 "many_models.py": "many_models", "cw.py": "attacks",
-                "transforms.py": "transforms"}
+                "transforms.py": "transforms", "neural_cleanse.py": "attacks",
+                "poison_crafting.py": "attacks"}
 # accelerator_suite.py writes reports of four kinds (checked by
 # test_accelerator_suite.py); accelerator_wheels.py writes none.
 NOT_SCRIPTS = {"__init__.py", "common.py", "reports.py", "accelerator_suite.py",
@@ -77,7 +78,8 @@ def test_every_committed_reference_report_is_read_by_its_kind():
       "smoothing_peers_omp_passive.json": "smoothing_peers",
       "smoothing_peers_torch_default.json": "smoothing_peers",
       "train_throughput.json": "training", "many_models.json": "many_models",
-      "cw.json": "attacks", "cw_peers.json": "attacks", "transforms.json": "transforms"}
+      "cw.json": "attacks", "cw_peers.json": "attacks", "transforms.json": "transforms",
+      "neural_cleanse.json": "attacks", "poison_crafting.json": "attacks"}
   # Every kind has a reference report, so notebook 03 draws every chart.
   assert all(reports.by_kind(found).values())
 
