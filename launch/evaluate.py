@@ -17,6 +17,9 @@ of the config:
                                many-models run (configs/membership.py)
   property   (config.property)   property inference on the shadow models of a
                                many-models run (configs/property.py)
+  backdoor   (config.backdoor) clean accuracy, attack success and poison
+                               detection of a run trained with config.poison
+                               (configs/backdoor.py)
   defences   (config.defence)  inference-time defences (input transformations,
                                distillation, thermometer, ensembles, detectors)
                                under naive and adaptive attacks, with
