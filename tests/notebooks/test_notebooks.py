@@ -165,7 +165,7 @@ def test_03_throughput(tmp_path, monkeypatch):
   text = _all_text(nb)
   assert sorted(s["kinds_found"] + s["kinds_missing"]) == sorted(
       ["attacks", "bounds", "many_models", "scaling", "smoothing", "smoothing_peers",
-       "training"])
+       "training", "transforms"])
   for kind in s["kinds_missing"]:
     label = {"smoothing_peers": "smoothing peers (ART)"}.get(kind, kind)
     assert f"No {label} report" in text
