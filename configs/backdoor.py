@@ -20,8 +20,14 @@ Commands (full MNIST, BadNets at 10%):
     python -m launch.evaluate --evaluator=backdoor --config=configs/backdoor.py:mnist,badnets,0.1 \
         --workdir=/tmp/certjax/backdoor_mnist_badnets_10
 
-Expected result: see the closing note of issue 13; the figures measured so
-far are in README.md.
+Expected result (measured 2026-12-03, full MNIST, BadNets 3x3 checkerboard at
+10% all-to-one to class 0, seed 0, 2 CPU cores under load 3-5): training 120 s
+wall, CA 99.00% and ASR 100.00% on 1,000 test images (`--config.skip=10`);
+Neural Cleanse flags class 0 alone (anomaly index 3.39); STRIP AUC 0.992 (FAR
+15.9% at FRR 1%); spectral signatures at the record's largest class share
+(0.50) remove 45,288 examples and find 71.5% of the poison; activation
+clustering finds none (the poison is half of class 0, above its 0.35
+relative-size rule). The evaluation took 218 s.
 """
 
 import ml_collections
