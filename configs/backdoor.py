@@ -27,7 +27,10 @@ Neural Cleanse flags class 0 alone (anomaly index 3.39); STRIP AUC 0.992 (FAR
 15.9% at FRR 1%); spectral signatures at the record's largest class share
 (0.50) remove 45,288 examples and find 71.5% of the poison; activation
 clustering finds none (the poison is half of class 0, above its 0.35
-relative-size rule). The evaluation took 218 s.
+relative-size rule). The evaluation took 218 s. At 1% (`mnist,badnets,0.01`,
+idle machine, 61 s training, 70 s evaluation): CA 99.00%, ASR 99.67%, Neural
+Cleanse flags class 0 (index 3.33), activation clustering recall 0.988 at
+precision 0.096, spectral signatures recall 0.317, STRIP AUC 0.954.
 """
 
 import ml_collections
