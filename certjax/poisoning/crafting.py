@@ -55,6 +55,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from certjax.privacy.inversion import gradient_cosine_distance
 from certjax.types import Array, ArrayLike, Params, PRNGKey
 from certjax.validation import (
   check_images,
@@ -285,17 +286,6 @@ class GradientMatchingResult(NamedTuple):
   loss_history: Array    # (R, num_steps) the loss at each step's iterate, before the step
 
 
-def _cosine_distance(grads: Params, target_grads: Params) -> Array:
-  """1 - <g, t> / (||g|| ||t||) over the whole parameter vector (every leaf flattened)."""
-  leaves = list(zip(jax.tree.leaves(grads), jax.tree.leaves(target_grads)))
-  dot = sum(jnp.sum(g * t) for g, t in leaves)
-  norm_grads = sum(jnp.sum(g * g) for g, _ in leaves)
-  norm_target = sum(jnp.sum(t * t) for _, t in leaves)
-  # The floor keeps a vanishing poison gradient (a saturated loss) from
-  # dividing by 0 and returning NaN.
-  return 1.0 - dot / jnp.sqrt(jnp.maximum(norm_grads * norm_target, 1e-30))
-
-
 def _check_loss_fn(loss_fn: LossFn, params: Params, images: Array, labels: Array,
                    name: str) -> None:
   out = jax.eval_shape(loss_fn, params, images, labels)
@@ -356,7 +346,7 @@ def _alignment_loss(params, poison_images, poison_labels, target_images, adversa
                     loss_fn):
   target_grads = jax.grad(loss_fn)(params, target_images, adversarial_labels)
   poison_grads = jax.grad(loss_fn)(params, poison_images, poison_labels)
-  return _cosine_distance(poison_grads, target_grads)
+  return gradient_cosine_distance(poison_grads, target_grads)
 
 
 def random_shift_flip(key: PRNGKey, images: ArrayLike, *, max_shift: int = 4,
@@ -510,7 +500,7 @@ def _gradient_matching_run(key, params, x, y, target_images, adversarial_labels,
     images = x + delta
     if augment is not None and augment_key is not None:
       images = augment(augment_key, images)
-    return _cosine_distance(jax.grad(loss_fn)(params, images, y), target_grads)
+    return gradient_cosine_distance(jax.grad(loss_fn)(params, images, y), target_grads)
 
   lr = jnp.asarray(learning_rate, jnp.float32)
   if step_size_decay:

@@ -264,17 +264,26 @@ def _patch_pattern(pattern: Any, size: int, channels: int, key: Optional[PRNGKey
     else:
       plane = np.full((size, size), 1.0 if pattern == "white" else 0.0, np.float32)
     return jnp.asarray(np.repeat(plane[:, :, None], channels, axis=2))
-  shape = np.shape(pattern)
-  if shape not in ((size, size), (size, size, 1), (size, size, channels)):
+  return _pattern_image(pattern, (size, size, channels), "badnets pattern array")
+
+
+def _pattern_image(pattern: Any, shape: Tuple[int, int, int], what: str) -> Array:
+  """A user's pattern array, checked and broadcast to `shape` (H, W, C).
+
+  Accepted shapes: (H, W), (H, W, 1) and (H, W, C); concrete values must be
+  finite pixels in [0, 1].
+  """
+  height, width, channels = shape
+  if np.shape(pattern) not in ((height, width), (height, width, 1), tuple(shape)):
     raise ValueError(
-        f"A badnets pattern array must have shape ({size}, {size}), ({size}, {size}, 1) or "
-        f"({size}, {size}, {channels}); got {tuple(shape)}.")
+        f"A {what} must have shape ({height}, {width}), ({height}, {width}, 1) or "
+        f"({height}, {width}, {channels}); got {tuple(np.shape(pattern))}.")
   if is_concrete(pattern):
     values = np.asarray(pattern, np.float32)
     if not (np.all(np.isfinite(values)) and values.min() >= 0 and values.max() <= 1):
-      raise ValueError("A badnets pattern array must hold finite pixel values in [0, 1].")
-  patch = jnp.asarray(pattern, jnp.float32).reshape(size, size, -1)
-  return jnp.broadcast_to(patch, (size, size, channels))
+      raise ValueError(f"A {what} must hold finite pixel values in [0, 1].")
+  image = jnp.asarray(pattern, jnp.float32).reshape(height, width, -1)
+  return jnp.broadcast_to(image, tuple(shape))
 
 
 def badnets(image_shape: Sequence[int], *, size: int = 3,
@@ -369,16 +378,7 @@ def blended(image_shape: Sequence[int], *, key: Optional[PRNGKey], alpha: float 
       raise ValueError("blended with pattern='noise' needs a key (jax.random.key); got None.")
     image = jax.random.uniform(key, shape, jnp.float32)
   else:
-    if np.shape(pattern) not in ((height, width), (height, width, 1), shape):
-      raise ValueError(
-          f"A blended pattern must have shape ({height}, {width}), ({height}, {width}, 1) or "
-          f"{shape}; got {tuple(np.shape(pattern))}.")
-    if is_concrete(pattern):
-      values = np.asarray(pattern, np.float32)
-      if not (np.all(np.isfinite(values)) and values.min() >= 0 and values.max() <= 1):
-        raise ValueError("A blended pattern must hold finite pixel values in [0, 1].")
-    image = jnp.broadcast_to(jnp.asarray(pattern, jnp.float32).reshape(height, width, -1),
-                             shape)
+    image = _pattern_image(pattern, shape, "blended pattern")
   return Trigger("blended", "blend", mask=jnp.full(shape, alpha, jnp.float32), pattern=image)
 
 

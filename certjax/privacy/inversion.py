@@ -441,12 +441,18 @@ def _squared_distance(grads: Params, target_grads: Params) -> Array:
              for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(target_grads)))
 
 
-def _cosine_distance(grads: Params, target_grads: Params) -> Array:
+def gradient_cosine_distance(grads: Params, target_grads: Params) -> Array:
+  """1 - <g, t> / (||g|| ||t||) over the whole parameter vector (every leaf flattened).
+
+  Inverting Gradients' matching loss (Geiping et al. 2020) and Witches'
+  Brew's alignment loss (Geiping et al. 2021) are both this one cosine.
+  """
   leaves = list(zip(jax.tree.leaves(grads), jax.tree.leaves(target_grads)))
   dot = sum(jnp.sum(g * t) for g, t in leaves)
   norm_grads = sum(jnp.sum(g * g) for g, _ in leaves)
   norm_target = sum(jnp.sum(t * t) for _, t in leaves)
-  # The floor keeps a zero dummy gradient (a saturated start) from dividing by 0.
+  # The floor keeps a vanishing gradient (a saturated start or loss) from
+  # dividing by 0 and returning NaN.
   return 1.0 - dot / jnp.sqrt(jnp.maximum(norm_grads * norm_target, 1e-30))
 
 
@@ -602,7 +608,8 @@ def inverting_gradients(key: PRNGKey, apply_fn: ApplyFn, params: Params,
 
   def objective(images):
     grads = _soft_cross_entropy_gradient(apply_fn, params, images, targets)
-    return _cosine_distance(grads, target_grads) + tv_weight * jnp.mean(total_variation(images))
+    return (gradient_cosine_distance(grads, target_grads)
+            + tv_weight * jnp.mean(total_variation(images)))
 
   if step_size_decay:
     schedule = optax.piecewise_constant_schedule(
