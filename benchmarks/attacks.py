@@ -165,7 +165,9 @@ def _rates(seconds: Dict[str, Dict[str, float]], batch_size: int,
 # JAX / certjax side.
 
 
-def _flax_models():
+def flax_models():
+  """The benchmark's Flax models by name ('mlp', 'cnn', 'cnn_im2col'), unbound;
+  benchmarks/cw.py and benchmarks/transforms.py time the same ones."""
   import flax.linen as nn
 
   from certjax.models.layers import Im2colConv
@@ -212,7 +214,7 @@ def run_certjax(batch_size: int, warmup: int, repeats: int,
   from certjax import attacks
 
   results, arrays, state = {}, {}, {}
-  for name, module in _flax_models().items():
+  for name, module in flax_models().items():
     if name not in models:
       continue
     shape = MODELS[name]
@@ -293,7 +295,7 @@ def _train_autoattack_mlp(steps: int, seed: int = 0):
   from certjax import data as data_lib
 
   x_train, y_train = data_lib.load_arrays({"name": "mnist5k"}, "train", 0, 4000)
-  module = _flax_models()["mlp"]
+  module = flax_models()["mlp"]
   variables = module.init(jax.random.key(seed), x_train[:1])
   optimizer = optax.adam(1e-3)
 

@@ -121,7 +121,7 @@ def run_certjax(sizes: Dict[str, Tuple[int, int]], warmup: int,
 
   from certjax import attacks
 
-  modules = attack_bench._flax_models()  # pylint: disable=protected-access
+  modules = attack_bench.flax_models()
   results, arrays = {}, {}
   for name, (batch, steps) in sizes.items():
     module, shape = modules[name], attack_bench.MODELS[name]

@@ -35,6 +35,7 @@ import functools
 import os
 from typing import Any, Callable, Dict
 
+from benchmarks import attacks as attack_bench
 from benchmarks import common
 
 # (label, transform name, settings): the defaults of get_transform, plus the 3x3 median.
@@ -51,22 +52,6 @@ CASES = (("identity", "identity", {}),
 BPDA_CASES = ("jpeg", "bit_depth", "thermometer")
 
 
-def _small_cnn():
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  class SmallCNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      pad = ((1, 1), (1, 1))
-      x = nn.relu(nn.Conv(32, (3, 3), strides=(2, 2), padding=pad, name="conv1")(x))
-      x = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2), padding=pad, name="conv2")(x))
-      x = x.reshape(x.shape[0], -1)
-      x = nn.relu(nn.Dense(128, name="fc1")(x))
-      return nn.Dense(10, name="fc2")(x)
-
-  return SmallCNN()
-
-
 def run(batch_size: int, repeats: int) -> Dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -77,7 +62,7 @@ def run(batch_size: int, repeats: int) -> Dict[str, Any]:
 
   x, y = data_lib.load_arrays({"name": "mnist5k"}, "test", 0, batch_size)
   x, y = jnp.asarray(x), jnp.asarray(y)
-  module = _small_cnn()
+  module = attack_bench.flax_models()["cnn"]
   variables = module.init(jax.random.key(0), x[:1])
   model = jax.tree_util.Partial(module.apply, variables)
   key = jax.random.key(1)
