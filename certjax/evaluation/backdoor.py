@@ -47,7 +47,6 @@ References:
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from typing import Any
@@ -143,9 +142,19 @@ def _predict(logits_fn: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate([np.asarray(predict(x[s])) for s in common.batches(len(x), batch_size)])
 
 
+def with_trigger(trigger: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+  """`x` with the recorded trigger applied, `batch_size` images per compiled call."""
+  apply = jax.jit(lambda xb: triggers_lib.apply_trigger(trigger, xb))
+  return np.concatenate([np.asarray(apply(x[s])) for s in common.batches(len(x), batch_size)])
+
+
 def attack_success(logits_fn: Any, x: np.ndarray, y: np.ndarray,
-                   record: poison_files.PoisonRecord, batch_size: int) -> dict[str, Any]:
-  """ASR of the recorded attack on eval images `x, y` (see the module docstring)."""
+                   record: poison_files.PoisonRecord, batch_size: int,
+                   triggered: np.ndarray | None = None) -> dict[str, Any]:
+  """ASR of the recorded attack on eval images `x, y` (see the module docstring).
+
+  `triggered`: `with_trigger(record.trigger, x, ...)` when the caller has it.
+  """
   settings = record.summary["settings"]
   attack = record.summary["attack"]
   num_classes = int(record.summary["num_classes"])
@@ -155,12 +164,11 @@ def attack_success(logits_fn: Any, x: np.ndarray, y: np.ndarray,
     chosen = y != target if mode == "all_to_one" else np.ones(len(y), bool)
     if not chosen.any():
       return {"asr": None, "asr_examples": 0, "asr_note": "no eval image outside the target"}
-    apply = jax.jit(lambda xb: triggers_lib.apply_trigger(record.trigger, xb))
-    triggered = np.concatenate([np.asarray(apply(x[chosen][s]))
-                                for s in common.batches(int(chosen.sum()), batch_size)])
+    if triggered is None:
+      triggered = with_trigger(record.trigger, x, batch_size)
     wanted = np.asarray(triggers_lib.target_labels(y[chosen], mode, target=target,
                                                    num_classes=num_classes))
-    hits = _predict(logits_fn, triggered, batch_size) == wanted
+    hits = _predict(logits_fn, triggered[chosen], batch_size) == wanted
     return {"asr": float(np.mean(hits)), "asr_examples": int(chosen.sum())}
   if attack == "label_flip_pairwise":
     source = y == int(settings["source_class"])
@@ -191,11 +199,14 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     logits_fn = ctx.logits_fn()
     x, y = common.load_all(ctx.data)
     clean_accuracy = float(np.mean(_predict(logits_fn, x, batch_size) == y))
+    # Every eval image with the recorded trigger, once: ASR, STRIP and the figure use them.
+    triggered = (with_trigger(record.trigger, x, batch_size)
+                 if record.trigger is not None else None)
     row: dict[str, Any] = {"attack": record.summary["attack"],
                            "rate": record.summary["settings"]["rate"],
                            "num_poisoned": record.summary["num_poisoned"],
                            "clean_accuracy": clean_accuracy,
-                           **attack_success(logits_fn, x, y, record, batch_size)}
+                           **attack_success(logits_fn, x, y, record, batch_size, triggered)}
     common.report(ctx, f"backdoor: CA {100 * clean_accuracy:.2f}%, ASR "
                   + ("n/a" if row["asr"] is None else f"{100 * row['asr']:.2f}%"))
     defences: dict[str, Any] = {}
@@ -264,15 +275,12 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       detector = detectors_lib.strip(logits_fn, x_clean,
                                      num_overlays=int(settings.strip_overlays))
       score = jax.jit(detector.score_fn)
-      chosen = y != target
-      apply = jax.jit(lambda xb: triggers_lib.apply_trigger(record.trigger, xb))
-      triggered = np.concatenate([np.asarray(apply(x[chosen][s]))
-                                  for s in common.batches(int(chosen.sum()), batch_size)])
+      trojaned = triggered[y != target]
       clean_scores = np.concatenate([np.asarray(score(jax.random.fold_in(key, 10 + i), x[s]))
                                      for i, s in enumerate(common.batches(len(x), batch_size))])
       trojan_scores = np.concatenate([
-          np.asarray(score(jax.random.fold_in(key, 100_000 + i), triggered[s]))
-          for i, s in enumerate(common.batches(len(triggered), batch_size))])
+          np.asarray(score(jax.random.fold_in(key, 100_000 + i), trojaned[s]))
+          for i, s in enumerate(common.batches(len(trojaned), batch_size))])
       metrics = detectors_lib.detection_metrics(clean_scores, trojan_scores,
                                                 fpr=float(settings.strip_frr))
       defences["strip"] = {"frr": float(metrics["fpr"]),
@@ -292,11 +300,9 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     payload = {"evaluator": NAME, "settings": settings.to_dict(),
                "metadata": common.metadata_block(ctx), "poison": record.summary,
                "result": row, "defences": defences}
-    sample = x[y != target][:1] if (y != target).any() else x[:1]
-    triggered_sample = (np.asarray(triggers_lib.apply_trigger(record.trigger, sample))
-                        if record.trigger is not None else None)
-    figure = plots.backdoor_figure(sample[0], None if triggered_sample is None
-                                   else triggered_sample[0], figure_rows.get("neural_cleanse"),
+    shown = int(np.argmax(y != target))  # the first image outside the target class
+    figure = plots.backdoor_figure(x[shown], None if triggered is None else triggered[shown],
+                                   figure_rows.get("neural_cleanse"),
                                    title=f"{record.summary['attack']} at rate "
                                    f"{record.summary['settings']['rate']:g}: CA "
                                    f"{100 * clean_accuracy:.1f}%"
@@ -333,12 +339,9 @@ def _save_removed(ctx: EvalContext, name: str, removed: np.ndarray) -> None:
   """The removed indices as a data.exclude_file for retraining on the rest."""
   if ctx.output_dir is None:
     return
-  buffer = io.BytesIO()
-  np.save(buffer, np.asarray(removed, np.int64))
   if parallel.is_main_process():
-    os.makedirs(ctx.output_dir, exist_ok=True)
-    files.atomic_write_bytes(os.path.join(ctx.output_dir, f"removed_{name}.npy"),
-                             buffer.getvalue())
+    files.atomic_write_npy(os.path.join(ctx.output_dir, f"removed_{name}.npy"),
+                           np.asarray(removed, np.int64))
 
 
 def results_table(row: dict[str, Any], defences: dict[str, Any],

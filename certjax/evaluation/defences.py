@@ -359,7 +359,7 @@ def ensemble_rows(label: str, num_models: int, make: Callable[[str, bool], Any],
   return rows
 
 
-def _attack_sequences(settings: Any, num_classes: int):
+def _attack_sequences(settings: Any):
   norm = settings.norm
   steps = int(settings.num_steps)
   step_size = float(settings.step_size) if float(settings.step_size) > 0 else None
@@ -379,7 +379,6 @@ def _attack_sequences(settings: Any, num_classes: int):
       adaptive.append(("cw-l2", make_cw_l2(
           num_steps=int(settings.cw_steps),
           binary_search_steps=int(settings.cw_binary_search_steps))))
-  del num_classes
   return naive, adaptive
 
 
@@ -410,11 +409,11 @@ def _robust(result: Any, e: int = 0) -> np.ndarray:
 
 
 def evaluate_row(row: Row, x: np.ndarray, y: np.ndarray, settings: Any, key: Any,
-                 num_classes: int, report: Callable[[str], None]) -> dict[str, Any]:
+                 report: Callable[[str], None]) -> dict[str, Any]:
   """Clean, naive and adaptive accuracy of one row, and its diagnostics."""
   eps_list = [float(e) for e in settings.eps_list]
   batch_size = int(settings.batch_size)
-  naive_attacks, adaptive_attacks = _attack_sequences(settings, num_classes)
+  naive_attacks, adaptive_attacks = _attack_sequences(settings)
   naive = oracles.naive_oracle(row.deployed)
   adaptive = oracles.adaptive_oracle(
       row.deployed, row.approximated, randomized=row.randomized,
@@ -444,8 +443,7 @@ def evaluate_row(row: Row, x: np.ndarray, y: np.ndarray, settings: Any, key: Any
                                  for e, r in zip(eps_list, adaptive_result.per_eps)},
   }
   if settings.diagnostics:
-    out["diagnostics"] = diagnose_row(row, naive, naive_result, x, y, settings, key,
-                                      num_classes)
+    out["diagnostics"] = diagnose_row(row, naive, naive_result, x, y, settings, key)
   out["seconds"] = time.perf_counter() - start
   report(f"defences: {row.label}: clean {100 * out['clean_accuracy']:.1f}%, naive "
          + ", ".join(f"{100 * a:.1f}%" for a in out["naive"].values()) + "; adaptive "
@@ -455,9 +453,8 @@ def evaluate_row(row: Row, x: np.ndarray, y: np.ndarray, settings: Any, key: Any
 
 
 def diagnose_row(row: Row, naive: Any, naive_result: Any, x: np.ndarray, y: np.ndarray,
-                 settings: Any, key: Any, num_classes: int) -> list[dict[str, Any]]:
+                 settings: Any, key: Any) -> list[dict[str, Any]]:
   """The gradient-masking checks of `certjax.attacks.diagnostics` on the naive attacker."""
-  del num_classes
   norm, batch_size = settings.norm, int(settings.batch_size)
   eps = float(settings.eps_list[-1])
   last = len(settings.eps_list) - 1
@@ -468,7 +465,7 @@ def diagnose_row(row: Row, naive: Any, naive_result: Any, x: np.ndarray, y: np.n
                   attacks=[("square", make_square(norm=norm,
                                                   num_queries=int(settings.square_queries)))])
   large = checks(jax.random.fold_in(key, 4), naive, x, y, eps_list=[float(settings.large_eps)],
-                 attacks=_attack_sequences(settings, 0)[0])
+                 attacks=_attack_sequences(settings)[0])
   predictions = np.stack([_predictions(row.deployed, jax.random.fold_in(key, 100 + r), x,
                                        batch_size) for r in range(2)])
   outcomes = {
@@ -528,8 +525,11 @@ def evaluate_detector(name: str, ctx: EvalContext, x: np.ndarray, y: np.ndarray,
   batch_size = int(settings.batch_size)
   detector = build_detector(name, logits_fn, ctx.apply_fn, ctx.variables, settings,
                             calibration, ctx.num_classes, adaptive=False)
+  # Only feature squeezing has non-differentiable stages to approximate; the
+  # others would be fitted (Mahalanobis' statistics) a second time for nothing.
   smooth = build_detector(name, logits_fn, ctx.apply_fn, ctx.variables, settings,
-                          calibration, ctx.num_classes, adaptive=True)
+                          calibration, ctx.num_classes, adaptive=True) \
+      if name == "feature_squeezing" else detector
   threshold = detectors_lib.threshold_at_fpr(
       _score_all(detector, jax.random.fold_in(key, 0), held_out, batch_size),
       float(settings.detector_fpr))
@@ -553,6 +553,8 @@ def evaluate_detector(name: str, ctx: EvalContext, x: np.ndarray, y: np.ndarray,
   naive_run = jax.jit(lambda k, xb, yb, eps: naive_attack(k, logits_fn, xb, yb, eps))
   joint_run = jax.jit(lambda k, xb, yb, eps: joint_attack(k, joint_oracle, xb, yb, eps))
   decide = jax.jit(lambda k, xb: jnp.argmax(system(k, xb), -1))
+  score = jax.jit(detector.score_fn)
+  classify = jax.jit(lambda xb: jnp.argmax(logits_fn(xb), -1))
 
   def handled(k, xb, yb):
     prediction = np.asarray(decide(k, xb))
@@ -589,9 +591,8 @@ def evaluate_detector(name: str, ctx: EvalContext, x: np.ndarray, y: np.ndarray,
       naive_ok.append(ok)
       ok, _ = handled(jax.random.fold_in(k, 3), x_joint, yb)
       joint_ok.append(ok)
-      adversarial_scores.append(np.asarray(jax.jit(detector.score_fn)(
-          jax.random.fold_in(k, 4), x_naive)))
-      fooled.append(np.asarray(jnp.argmax(logits_fn(x_naive), -1)) != yb)
+      adversarial_scores.append(np.asarray(score(jax.random.fold_in(k, 4), x_naive)))
+      fooled.append(np.asarray(classify(x_naive)) != yb)
     scores = np.concatenate(adversarial_scores)
     successful = np.concatenate(fooled)
     out["naive"][f"{eps:g}"] = float(np.mean(np.concatenate(naive_ok)))
@@ -673,8 +674,8 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     rows += transform_rows(ctx.logits_fn(), settings)
     for label, workdir in parse_models(settings.models):
       rows += _rows_of_workdir(label, workdir, settings)
-    results = [evaluate_row(row, x, y, settings, jax.random.fold_in(key, i), ctx.num_classes,
-                            report) for i, row in enumerate(rows)]
+    results = [evaluate_row(row, x, y, settings, jax.random.fold_in(key, i), report)
+               for i, row in enumerate(rows)]
     if settings.detectors:
       if run_config is None:
         raise ValueError("The 'defences' evaluator's detectors calibrate on train images: "

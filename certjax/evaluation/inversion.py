@@ -69,7 +69,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from typing import Any
 
@@ -688,11 +687,10 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                                          max_columns=FIGURE_COLUMNS)
     artifacts = common.write_results(ctx.output_dir, RESULTS_STEM, payload, table, figure)
     if ctx.output_dir is not None and settings.save_images and parallel.is_main_process():
-      buffer = io.BytesIO()
       # npz names are file names inside a zip: '/' becomes '__' (read_images undoes it).
-      np.savez(buffer, **{k.replace("/", "__"): v for k, v in report.arrays.items()})
-      artifacts["images"] = os.path.join(ctx.output_dir, IMAGES_FILE)
-      files.atomic_write_bytes(artifacts["images"], buffer.getvalue())
+      artifacts["images"] = files.atomic_write_npz(
+          os.path.join(ctx.output_dir, IMAGES_FILE),
+          **{k.replace("/", "__"): v for k, v in report.arrays.items()})
     common.report(ctx, table)
     return EvalResult(NAME, report.metrics, artifacts, table,
                       details={"payload": payload, "images": report.arrays})

@@ -37,7 +37,6 @@ References:
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
@@ -361,15 +360,13 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                                          f"{ctx.metadata.get('model', '')}, {num_models} models")
     artifacts = common.write_results(ctx.output_dir, RESULTS_STEM, payload, table, figure)
     if ctx.output_dir is not None and settings.save_logits and parallel.is_main_process():
-      buffer = io.BytesIO()
       arrays = {"logits": logits.astype(np.float32), "labels": labels, "masks": masks,
                 "indices": np.asarray(ctx.data.indices)}
       if population_logits is not None:
         arrays.update(population_logits=population_logits.astype(np.float32),
                       population_labels=population_labels)
-      np.savez(buffer, **arrays)
-      artifacts["logits"] = os.path.join(ctx.output_dir, LOGITS_FILE)
-      files.atomic_write_bytes(artifacts["logits"], buffer.getvalue())
+      artifacts["logits"] = files.atomic_write_npz(os.path.join(ctx.output_dir, LOGITS_FILE),
+                                                   **arrays)
     common.report(ctx, table)
     return EvalResult(NAME, metrics, artifacts, table, details={
         "rows": rows, "scores": scores, "is_member": is_member, "targets": accuracies})

@@ -10,10 +10,13 @@ short by a crash.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
 from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 
 def _fsync_directory(directory: str) -> None:
@@ -47,6 +50,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     raise
   _fsync_directory(directory)
   return path
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+  """The bytes of an uncompressed .npz holding `arrays` (names as keys)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return buffer.getvalue()
+
+
+def atomic_write_npz(path: str | os.PathLike, **arrays: Any) -> str:
+  """Writes `arrays` as an .npz to `path` atomically; returns the path."""
+  return atomic_write_bytes(path, npz_bytes(**arrays))
+
+
+def atomic_write_npy(path: str | os.PathLike, array: Any) -> str:
+  """Writes one array as an .npy (no pickled objects) to `path` atomically; returns the path."""
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(array), allow_pickle=False)
+  return atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:

@@ -67,26 +67,19 @@ def record_path(workdir: str) -> str:
   return os.path.join(poison_dir(workdir), RECORD_FILE)
 
 
-def _npz_bytes(**arrays: Any) -> bytes:
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  return buffer.getvalue()
-
-
 def write_record(workdir: str, record: PoisonRecord) -> str:
   """Writes the record atomically (process 0's job); returns record.npz's path."""
   directory = poison_dir(workdir)
   os.makedirs(directory, exist_ok=True)
-  data = _npz_bytes(indices=record.indices, images=record.images, labels=record.labels,
+  data = files.npz_bytes(indices=record.indices, images=record.images, labels=record.labels,
                     original_labels=record.original_labels, poisoned=record.poisoned)
   files.atomic_write_bytes(os.path.join(directory, RECORD_FILE), data)
   if record.trigger is not None:
     t = record.trigger
     arrays = {k: np.asarray(getattr(t, k)) for k in ("mask", "pattern", "grid")
               if getattr(t, k) is not None}
-    files.atomic_write_bytes(os.path.join(directory, TRIGGER_FILE),
-                             _npz_bytes(name=np.asarray(t.name), kind=np.asarray(t.kind),
-                                        **arrays))
+    files.atomic_write_npz(os.path.join(directory, TRIGGER_FILE), name=np.asarray(t.name),
+                           kind=np.asarray(t.kind), **arrays)
   summary = {**record.summary, "record_sha256": hashlib.sha256(data).hexdigest()}
   files.atomic_write_json(os.path.join(directory, SUMMARY_FILE), summary)
   return os.path.join(directory, RECORD_FILE)

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 import time
 from typing import Any
@@ -229,9 +228,7 @@ def _check_masks_file(workdir: str, masks: np.ndarray) -> None:
           "data.membership. Use a new --workdir.")
     return
   if jax.process_index() == 0:
-    buffer = io.BytesIO()
-    np.save(buffer, masks, allow_pickle=False)
-    runs.files.atomic_write_bytes(path, buffer.getvalue())
+    runs.files.atomic_write_npy(path, masks)
 
 
 def total_many_steps(config: ml_collections.ConfigDict, masks: np.ndarray) -> int:
