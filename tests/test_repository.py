@@ -37,6 +37,12 @@ def test_every_config_is_valid_and_documented(name):
   module = importlib.import_module(f"configs.{name}")
   assert "python -m launch." in module.__doc__ and "Expected result" in module.__doc__
   config = module.get_config()
+  if "run_config" in config:  # a sweep over run configs (configs/backdoor_table.py)
+    from certjax.training import backdoor_table  # pylint: disable=import-outside-toplevel
+    backdoor_table.validate(config)
+    for data in module.DATA:
+      backdoor_table.validate(module.get_config(data))
+    return
   config_lib.validate_config(config)
 
 

@@ -60,6 +60,7 @@ from certjax import data as data_lib
 from certjax import parallel
 from certjax import validation
 from certjax.defences import detectors as detectors_lib
+from certjax.evaluation import backdoor_repair as repair_lib
 from certjax.evaluation import common
 from certjax.evaluation import plots
 from certjax.evaluation.registry import EvalContext, EvalData, EvalResult, EvalSetup
@@ -73,14 +74,20 @@ from certjax.runs import poison as poison_files
 NAME = "backdoor"
 SECTION = "backdoor"
 RESULTS_STEM = "results"
-DEFENCES = ("spectral", "activation_clustering", "neural_cleanse", "strip")
+DEFENCES = ("spectral", "activation_clustering", "neural_cleanse", "strip", "fine_tuning",
+            "fine_pruning", "abl")
+# 'abl' needs a model trained with ABL's isolation objective, so it is not a default.
+DEFAULT_DEFENCES = DEFENCES[:-1]
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Defaults of `config.backdoor`.
 
   Fields:
-    defences: detection defences of DEFENCES to run ('' none).
+    defences: defences of DEFENCES to run ('' none): the detection defences
+      and the model repairs of `certjax.evaluation.backdoor_repair`
+      (fine_tuning, fine_pruning, abl; Neural Cleanse also unlearns when
+      `nc_unlearning`).
     expected_rate: spectral signatures' upper bound eps on the poisoned
       share of a class (they remove 1.5 eps of every class); 0 = the exact
       largest share in the record (`largest_class_share`).
@@ -92,6 +99,21 @@ def default_config() -> ml_collections.ConfigDict:
     strip_overlays: STRIP's superimposed images per input.
     strip_frr: STRIP's false-rejection rate on clean images that sets its
       threshold.
+    nc_unlearning: after Neural Cleanse flags classes, fine-tune with their
+      reversed triggers (the paper's mitigation) and report CA/ASR.
+    repair_fraction: the defender's clean training data for the repairs, as
+      a share of the train split (BackdoorBench: 0.05).
+    repair_epochs, repair_batch_size, repair_learning_rate: every repair's
+      fine-tuning (SGD, momentum 0.9).
+    prune_layer: fine-pruning's layer: 'last_conv' (the paper),
+      'penultimate' (the input of the last Dense layer) or 'auto' (the last
+      convolution; the penultimate features of a model without one).
+    prune_max_drop: fine-pruning prunes while the defender's clean accuracy
+      stays within this of the unpruned model's (0.04 in the paper).
+    abl_isolation_fraction: ABL's isolated share of the training set (0.01).
+    abl_clean_epochs: ABL's fine-tuning epochs on the rest.
+    abl_unlearning_epochs, abl_unlearning_learning_rate: ABL's gradient
+      ascent on the isolated set (5 epochs at 5e-4 in the authors' code).
     batch_size: examples per compiled call.
     split: split to evaluate; '' = config.data.eval_split.
     seed: the defences' randomness.
@@ -99,7 +121,7 @@ def default_config() -> ml_collections.ConfigDict:
     output_dir: '' = <workdir>/backdoor.
   """
   return ml_collections.ConfigDict({
-      "defences": DEFENCES,
+      "defences": DEFAULT_DEFENCES,
       "expected_rate": 0.0,
       "clean_size": 500,
       "nc_epochs": 30,
@@ -108,6 +130,17 @@ def default_config() -> ml_collections.ConfigDict:
       "nc_learning_rate": 0.1,
       "strip_overlays": 16,
       "strip_frr": 0.01,
+      "nc_unlearning": True,
+      "repair_fraction": 0.05,
+      "repair_epochs": 10,
+      "repair_batch_size": 128,
+      "repair_learning_rate": 0.01,
+      "prune_layer": "auto",
+      "prune_max_drop": 0.04,
+      "abl_isolation_fraction": 0.01,
+      "abl_clean_epochs": 1,
+      "abl_unlearning_epochs": 5,
+      "abl_unlearning_learning_rate": 5e-4,
       "batch_size": 500,
       "split": "",
       "seed": 0,
@@ -133,6 +166,22 @@ def validate_settings(settings: ml_collections.ConfigDict, setup: EvalSetup) -> 
     validation.check_int_at_least(settings[key], f"backdoor.{key}", 1)
   validation.check_positive(settings.nc_learning_rate, "backdoor.nc_learning_rate")
   validation.check_in_open_interval(settings.strip_frr, "backdoor.strip_frr", 0.0, 1.0)
+  validation.check_in_open_interval(settings.repair_fraction, "backdoor.repair_fraction", 0.0,
+                                    1.0)
+  for key in ("repair_epochs", "repair_batch_size", "abl_clean_epochs",
+              "abl_unlearning_epochs"):
+    validation.check_int_at_least(settings[key], f"backdoor.{key}", 1)
+  for key in ("repair_learning_rate", "abl_unlearning_learning_rate"):
+    validation.check_positive(settings[key], f"backdoor.{key}")
+  validation.check_choice(settings.prune_layer, "backdoor.prune_layer",
+                          ("auto",) + common.TAPPED_LAYERS)
+  validation.check_in_open_interval(settings.prune_max_drop, "backdoor.prune_max_drop", 0.0,
+                                    1.0)
+  validation.check_in_open_interval(settings.abl_isolation_fraction,
+                                    "backdoor.abl_isolation_fraction", 0.0, 1.0)
+  if not isinstance(settings.nc_unlearning, bool):
+    raise ValueError(f"backdoor.nc_unlearning must be True or False; got "
+                     f"{settings.nc_unlearning!r}.")
   validation.check_int_at_least(settings.seed, "backdoor.seed", 0)
   validation.check_int_at_least(settings.checkpoint_step, "backdoor.checkpoint_step", -1)
 
@@ -148,6 +197,22 @@ def with_trigger(trigger: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate([np.asarray(apply(x[s])) for s in common.batches(len(x), batch_size)])
 
 
+def trigger_targets(record: poison_files.PoisonRecord, y: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Which eval images (labels `y`) count for ASR, and the labels the backdoor sends them to.
+
+  All-to-one (and clean-label): the images outside the target class, sent to
+  it; all-to-all: every image, sent to the next class.
+  """
+  settings = record.summary["settings"]
+  mode = settings["mode"] if record.summary["attack"] != "clean_label" else "all_to_one"
+  target = int(settings["target_class"])
+  chosen = y != target if mode == "all_to_one" else np.ones(len(y), bool)
+  wanted = np.asarray(triggers_lib.target_labels(y[chosen], mode, target=target,
+                                                 num_classes=int(record.summary["num_classes"])))
+  return chosen, wanted
+
+
 def attack_success(logits_fn: Any, x: np.ndarray, y: np.ndarray,
                    record: poison_files.PoisonRecord, batch_size: int,
                    triggered: np.ndarray | None = None) -> dict[str, Any]:
@@ -157,17 +222,13 @@ def attack_success(logits_fn: Any, x: np.ndarray, y: np.ndarray,
   """
   settings = record.summary["settings"]
   attack = record.summary["attack"]
-  num_classes = int(record.summary["num_classes"])
   target = int(settings["target_class"])
   if record.trigger is not None:
-    mode = settings["mode"] if attack != "clean_label" else "all_to_one"
-    chosen = y != target if mode == "all_to_one" else np.ones(len(y), bool)
+    chosen, wanted = trigger_targets(record, y)
     if not chosen.any():
       return {"asr": None, "asr_examples": 0, "asr_note": "no eval image outside the target"}
     if triggered is None:
       triggered = with_trigger(record.trigger, x, batch_size)
-    wanted = np.asarray(triggers_lib.target_labels(y[chosen], mode, target=target,
-                                                   num_classes=num_classes))
     hits = _predict(logits_fn, triggered[chosen], batch_size) == wanted
     return {"asr": float(np.mean(hits)), "asr_examples": int(chosen.sum())}
   if attack == "label_flip_pairwise":
@@ -209,6 +270,21 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                            **attack_success(logits_fn, x, y, record, batch_size, triggered)}
     common.report(ctx, f"backdoor: CA {100 * clean_accuracy:.2f}%, ASR "
                   + ("n/a" if row["asr"] is None else f"{100 * row['asr']:.2f}%"))
+
+    def score(repaired_logits_fn: Any) -> dict[str, Any]:
+      """CA and ASR of a repaired model on the same eval images."""
+      result = attack_success(repaired_logits_fn, x, y, record, batch_size, triggered)
+      return {"clean_accuracy": float(np.mean(
+          _predict(repaired_logits_fn, x, batch_size) == y)), "asr": result["asr"]}
+
+    unrepaired = {"clean_accuracy": clean_accuracy, "asr": row["asr"]}
+    defender_cache: list[Any] = []
+
+    def defender() -> tuple[np.ndarray, np.ndarray]:
+      if not defender_cache:
+        defender_cache.append(repair_lib.defender_set(
+            run_config, record, float(settings.repair_fraction), int(settings.seed)))
+      return defender_cache[0]
     defences: dict[str, Any] = {}
     names = tuple(settings.defences or ())
     poisoned = record.indices[record.poisoned]
@@ -217,12 +293,13 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                                      int(settings.clean_size) - 1)
     x_clean, _ = common.load_all(clean_set)
     figure_rows = {}
-    if {"spectral", "activation_clustering"} & set(names):
+    if {"spectral", "activation_clustering", "abl"} & set(names):
       # The train split as the model saw it: the clean split with the record.
       trained_on = ml_collections.ConfigDict(run_config.data.to_dict())
       trained_on.replace_file = poison_files.record_path(str(workdir))
       trained_on.exclude_file = ""
       train_x, train_y = data_lib.load_split_uint8(trained_on, trained_on.train_split)
+    if {"spectral", "activation_clustering"} & set(names):
       features_fn = jax.jit(common.penultimate_features(ctx.apply_fn, ctx.variables))
       features = np.concatenate([
           np.asarray(features_fn(train_x[s].astype(np.float32) / 255.0))
@@ -268,27 +345,50 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
           "flagged_classes": flagged, "target_flagged": target in flagged,
           "target_anomaly_index": float(np.asarray(anomaly.index)[target]),
           "seconds": time.perf_counter() - start}
+      if settings.nc_unlearning:
+        defences["neural_cleanse"]["unlearning"] = repair_lib.nc_unlearning(
+            jax.random.fold_in(key, 2), ctx.apply_fn, ctx.variables, defender(), reversed_,
+            flagged, settings, score, unrepaired)
       figure_rows["neural_cleanse"] = (np.asarray(reversed_.mask),
                                        np.asarray(anomaly.index))
     if "strip" in names and record.trigger is not None:
       start = time.perf_counter()
       detector = detectors_lib.strip(logits_fn, x_clean,
                                      num_overlays=int(settings.strip_overlays))
-      score = jax.jit(detector.score_fn)
-      trojaned = triggered[y != target]
-      clean_scores = np.concatenate([np.asarray(score(jax.random.fold_in(key, 10 + i), x[s]))
+      strip_score = jax.jit(detector.score_fn)
+      chosen, wanted = trigger_targets(record, y)
+      trojaned = triggered[chosen]
+      clean_scores = np.concatenate([np.asarray(strip_score(jax.random.fold_in(key, 10 + i), x[s]))
                                      for i, s in enumerate(common.batches(len(x), batch_size))])
       trojan_scores = np.concatenate([
-          np.asarray(score(jax.random.fold_in(key, 100_000 + i), trojaned[s]))
+          np.asarray(strip_score(jax.random.fold_in(key, 100_000 + i), trojaned[s]))
           for i, s in enumerate(common.batches(len(trojaned), batch_size))])
       metrics = detectors_lib.detection_metrics(clean_scores, trojan_scores,
                                                 fpr=float(settings.strip_frr))
+      # With rejection: a clean image counts for CA when accepted and right, a
+      # triggered one for ASR when accepted and sent to the backdoor's label.
+      threshold = float(metrics["threshold"])
+      clean_kept = (clean_scores <= threshold) & (_predict(logits_fn, x, batch_size) == y)
+      trojan_kept = (trojan_scores <= threshold) & (
+          _predict(logits_fn, trojaned, batch_size) == wanted)
       defences["strip"] = {"frr": float(metrics["fpr"]),
                            "far": 1.0 - float(metrics["detection_rate"]),
-                           "auc": float(metrics["auc"]), "threshold": float(metrics["threshold"]),
+                           "auc": float(metrics["auc"]), "threshold": threshold,
+                           "clean_accuracy": float(np.mean(clean_kept)),
+                           "asr": float(np.mean(trojan_kept)) if len(trojaned) else None,
                            "seconds": time.perf_counter() - start}
     elif "strip" in names:
       defences["strip"] = {"skipped": "no trigger: STRIP detects triggered inputs"}
+    if "fine_tuning" in names:
+      defences["fine_tuning"] = repair_lib.fine_tuning(
+          jax.random.fold_in(key, 3), ctx.apply_fn, ctx.variables, defender(), settings, score)
+    if "fine_pruning" in names:
+      defences["fine_pruning"] = repair_lib.fine_pruning(
+          jax.random.fold_in(key, 4), ctx.apply_fn, ctx.variables, defender(), settings, score)
+    if "abl" in names:
+      defences["abl"] = repair_lib.abl(
+          jax.random.fold_in(key, 5), ctx.apply_fn, ctx.variables, (train_x, train_y), record,
+          settings, score, str(run_config.objective.name))
     table = results_table(row, defences, record, len(y))
     metrics_out = {"clean_accuracy": clean_accuracy}
     if row["asr"] is not None:
@@ -296,6 +396,10 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     for name, result in defences.items():
       for k in ("precision", "recall", "auc", "far", "target_anomaly_index"):
         if k in result:
+          metrics_out[f"{name}/{k}"] = float(result[k])
+    for name, result in defence_outcomes(row, defences)[1:]:
+      for k in ("clean_accuracy", "asr"):
+        if result.get(k) is not None:
           metrics_out[f"{name}/{k}"] = float(result[k])
     payload = {"evaluator": NAME, "settings": settings.to_dict(),
                "metadata": common.metadata_block(ctx), "poison": record.summary,
@@ -344,29 +448,70 @@ def _save_removed(ctx: EvalContext, name: str, removed: np.ndarray) -> None:
                            np.asarray(removed, np.int64))
 
 
+def _percent(value: Any) -> str:
+  return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def defence_outcomes(row: dict[str, Any], defences: dict[str, Any]
+                     ) -> list[tuple[str, dict[str, Any]]]:
+  """(row name, {'clean_accuracy', 'asr'}) of the model with no defence and after each
+  defence that changes what the deployed model answers: STRIP with its rejection,
+  Neural Cleanse's unlearning, fine-tuning, fine-pruning (pruned alone, then
+  fine-tuned) and ABL."""
+  rows = [("none", {"clean_accuracy": row["clean_accuracy"], "asr": row["asr"]})]
+  for name, result in defences.items():
+    if name == "neural_cleanse" and "unlearning" in result:
+      rows.append(("neural_cleanse", result["unlearning"]))
+    elif name == "fine_pruning":
+      rows.append(("pruning_only", result["after_pruning"]))
+      rows.append((name, result))
+    elif "clean_accuracy" in result:
+      rows.append((name, result))
+  return rows
+
+
 def results_table(row: dict[str, Any], defences: dict[str, Any],
                   record: poison_files.PoisonRecord, num_examples: int) -> str:
   """The Markdown summary of one poisoned run."""
-  asr = "n/a" if row["asr"] is None else f"{100 * row['asr']:.2f}%"
   lines = [f"Backdoor evaluation of a run poisoned by {row['attack']} (rate {row['rate']:g}, "
            f"{row['num_poisoned']} poisoned training examples), on {num_examples} eval images.",
-           "", "| CA | ASR |", "|---|---|", f"| {100 * row['clean_accuracy']:.2f}% | {asr} |"]
+           "", "| defence | CA | ASR |", "|---|---|---|"]
+  for name, result in defence_outcomes(row, defences):
+    lines.append(f"| {name} | {_percent(result['clean_accuracy'])} | "
+                 f"{_percent(result['asr'])} |")
   if defences:
-    lines += ["", "| defence | result |", "|---|---|"]
+    lines += ["", "| defence | what it found or did |", "|---|---|"]
     for name, result in defences.items():
       if "skipped" in result:
         text = f"skipped: {result['skipped']}"
       elif name in ("spectral", "activation_clustering"):
         text = (f"removed {result['num_removed']}: precision {result.get('precision', 0):.3f}, "
                 f"recall {result.get('recall', 0):.3f}"
-                + (f", AUC {result['auc']:.3f}" if "auc" in result else ""))
+                + (f", AUC {result['auc']:.3f}" if "auc" in result else "")
+                + " (retrain on the rest with data.exclude_file)")
       elif name == "neural_cleanse":
         text = (f"flagged classes {result['flagged_classes']} (target "
                 f"{int(record.summary['settings']['target_class'])} anomaly index "
                 f"{result['target_anomaly_index']:.2f})")
-      else:
+        unlearning = result.get("unlearning", {})
+        if "unlearned_classes" in unlearning:
+          text += (f"; unlearned with {unlearning['stamped_examples']} stamped of "
+                   f"{unlearning['defender_examples']} clean images")
+      elif name == "strip":
         text = (f"FAR {100 * result['far']:.2f}% at FRR {100 * result['frr']:.2f}%, AUC "
                 f"{result['auc']:.3f}")
+      elif name == "fine_pruning":
+        text = (f"pruned {result['num_pruned']} of {result['channels']} channels of "
+                f"{result['layer']}, then {result['fine_tuning']['steps']} fine-tuning steps "
+                f"on {result['defender_examples']} clean images")
+      elif name == "fine_tuning":
+        text = (f"{result['fine_tuning']['steps']} steps on {result['defender_examples']} "
+                "clean images")
+      else:
+        text = (f"isolated {result['isolated']} lowest-loss examples: precision "
+                f"{result['isolation_precision']:.3f}, recall {result['isolation_recall']:.3f}, "
+                f"AUC {result['isolation_auc']:.3f}; then {result['clean_fine_tuning']['steps']} "
+                f"steps on the rest and {result['unlearning']['steps']} ascent steps")
       lines.append(f"| {name} | {text} |")
   return "\n".join(lines) + "\n"
 

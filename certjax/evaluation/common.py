@@ -29,7 +29,7 @@ import io
 import json
 import os
 import weakref
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -42,6 +42,7 @@ from certjax import models as models_lib
 from certjax import parallel
 from certjax import validation
 from certjax.evaluation.registry import EvalContext, EvalData
+from certjax.models.layers import Im2colConv
 from certjax.runs import files
 from certjax.runs import provenance
 from certjax.runs.progress import Progress
@@ -390,3 +391,87 @@ def penultimate_features(apply_fn: Any, variables: Any) -> Callable[[Any], Any]:
     return seen[-1].reshape(seen[-1].shape[0], -1).astype(jnp.float32)
 
   return features
+
+
+# Layers whose channels `layer_tap` reads and masks: the output of the last
+# convolution (Liu et al.'s fine-pruning layer) or the input of the last Dense
+# layer (the penultimate features).
+TAPPED_LAYERS = ("last_conv", "penultimate")
+
+
+class LayerTap(NamedTuple):
+  """One layer of a Flax model, read and masked channel-wise (`layer_tap`).
+
+  Attributes:
+    layer: 'last_conv' or 'penultimate'.
+    channels: the layer's channel count (its last axis).
+    apply: (variables, x, mask, **apply_kwargs) -> (the model's output, the
+      layer's activations [B, ..., channels]). The activations are those the
+      layer passes on: ReLU of the last convolution's output (Liu et al.
+      rank channels by their activation after the nonlinearity), or the last
+      Dense layer's input. `mask` ([channels], 1 keeps, 0 prunes, or None)
+      multiplies the convolution's output, or the Dense layer's input, so a
+      pruned channel passes on exactly 0.
+  """
+  layer: str
+  channels: int
+  apply: Callable[..., tuple[Any, Any]]
+
+
+def layer_tap(apply_fn: Any, variables: Any, example: Any, layer: str) -> LayerTap:
+  """A `LayerTap` of `apply_fn`'s model at `layer` (see `TAPPED_LAYERS`).
+
+  The layer is found by intercepting `nn.Conv` / `Im2colConv` (or `nn.Dense`)
+  calls; the last one traced when the model runs on `example` (a [B, H, W, C]
+  batch; only its shape is used) is the tapped one.
+
+  Raises:
+    ValueError: an unknown layer name, or a model without such a layer.
+  """
+  validation.check_choice(layer, "layer", TAPPED_LAYERS)
+  kinds = (nn.Dense,) if layer == "penultimate" else (nn.Conv, Im2colConv)
+
+  def is_tapped(context: Any) -> bool:
+    return isinstance(context.module, kinds) and context.method_name == "__call__"
+
+  calls = []
+
+  def count(next_fun, args, kwargs, context):
+    if is_tapped(context):
+      calls.append(context.module)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(count):
+    shapes = jax.eval_shape(lambda v, x: apply_fn(v, x, train=False), variables, example)
+  del shapes
+  if not calls:
+    raise ValueError(f"layer={layer!r} needs a model with "
+                     + ("a Dense layer" if layer == "penultimate" else "a convolution")
+                     + f"; this one has none. Accepted layers: {TAPPED_LAYERS}.")
+  last = len(calls)
+
+  def apply(variables, x, mask, **apply_kwargs):
+    seen, captured = [0], []
+
+    def interceptor(next_fun, args, kwargs, context):
+      if not is_tapped(context):
+        return next_fun(*args, **kwargs)
+      seen[0] += 1
+      if seen[0] != last:
+        return next_fun(*args, **kwargs)
+      if layer == "penultimate":
+        inputs = args[0]
+        captured.append(inputs)
+        if mask is not None:
+          inputs = inputs * jnp.asarray(mask, inputs.dtype)
+        return next_fun(inputs, *args[1:], **kwargs)
+      out = next_fun(*args, **kwargs)
+      captured.append(jax.nn.relu(out))
+      return out if mask is None else out * jnp.asarray(mask, out.dtype)
+
+    with nn.intercept_methods(interceptor):
+      result = apply_fn(variables, x, **apply_kwargs)
+    return result, captured[0]
+
+  acts = jax.eval_shape(lambda v, x: apply(v, x, None, train=False)[1], variables, example)
+  return LayerTap(layer=layer, channels=int(acts.shape[-1]), apply=apply)

@@ -460,3 +460,38 @@ def backdoor_figure(clean: Any, triggered: Any, reversed_triggers: Any = None, *
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   return fig
+
+
+def backdoor_table_figure(rows: Sequence[Mapping[str, Any]], defences: Sequence[str]):
+  """BackdoorBench's attack x defence table as two heat maps: ASR and CA, in %.
+
+  Args:
+    rows: the table's rows, each {'attack', 'rate', 'cells': {defence:
+      {'clean_accuracy', 'asr'}}} (`certjax.training.backdoor_table`).
+    defences: the columns, in order.
+  """
+  labels = [f"{row['attack']} {100 * row['rate']:g}%" for row in rows]
+  fig = _figure(2.0 + 1.2 * len(defences), 1.2 + 0.38 * len(rows))
+  for panel, (key, title, cmap) in enumerate((("asr", "attack success rate (%)", "Reds"),
+                                               ("clean_accuracy", "clean accuracy (%)",
+                                                "Greens"))):
+    values = np.full((len(rows), len(defences)), np.nan)
+    for i, row in enumerate(rows):
+      for j, defence in enumerate(defences):
+        value = row["cells"].get(defence, {}).get(key)
+        if value is not None:
+          values[i, j] = 100 * value
+    ax = fig.add_subplot(1, 2, panel + 1)
+    ax.imshow(values, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for i in range(len(rows)):
+      for j in range(len(defences)):
+        text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.1f}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=6,
+                color="white" if values[i, j] > 60 else "black")
+    ax.set_xticks(range(len(defences)))
+    ax.set_xticklabels(defences, rotation=40, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels if panel == 0 else [], fontsize=7)
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return fig

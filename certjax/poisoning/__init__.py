@@ -16,7 +16,8 @@ Modules:
   sanitize: spectral signatures, activation clustering, detection scores.
   neural_cleanse: Neural Cleanse's reversed triggers (vmapped over classes),
     MAD anomaly index, unlearning set.
-  repair: fine-pruning's pruning order and anti-backdoor learning's losses.
+  repair: fine-tuning on an in-memory set, fine-pruning's pruning order and
+    anti-backdoor learning's losses.
 """
 
 from certjax.poisoning import (clean_label, crafting, labels, neural_cleanse, repair, sanitize,
@@ -27,7 +28,7 @@ from certjax.poisoning.crafting import (FeatureCollisionResult, GradientMatching
                                         gradient_matching)
 from certjax.poisoning.labels import greedy_flips, pairwise_flips, random_flips
 from certjax.poisoning.neural_cleanse import ReversedTrigger, anomaly_index, unlearning_set
-from certjax.poisoning.repair import (isolate_lowest_loss, lga_loss, prune_until,
+from certjax.poisoning.repair import (fine_tune, isolate_lowest_loss, lga_loss, prune_until,
                                       pruning_mask, pruning_order)
 from certjax.poisoning.sanitize import (activation_clustering, detection_scores,
                                         spectral_signatures)
@@ -38,8 +39,8 @@ __all__ = [
     "FeatureCollisionResult", "GradientMatchingResult", "ReversedTrigger", "TRIGGER_NAMES",
     "Trigger", "activation_clustering", "anomaly_index", "apply_trigger", "clean_label",
     "clean_label_indices", "clean_label_poison", "crafting", "detection_scores",
-    "feature_collision", "gradient_alignment_loss", "gradient_matching", "greedy_flips",
-    "isolate_lowest_loss", "labels", "lga_loss", "make_trigger", "neural_cleanse",
+    "feature_collision", "fine_tune", "gradient_alignment_loss", "gradient_matching",
+    "greedy_flips", "isolate_lowest_loss", "labels", "lga_loss", "make_trigger", "neural_cleanse",
     "pairwise_flips", "poison_examples", "poison_indices", "prune_until", "pruning_mask",
     "pruning_order", "random_flips", "repair", "sanitize", "spectral_signatures",
     "target_labels", "triggers", "unlearning_set",

@@ -1,6 +1,10 @@
-"""Repairing a backdoored model: fine-pruning's pruning, and anti-backdoor learning's losses.
+"""Repairing a backdoored model: fine-tuning, fine-pruning's pruning, anti-backdoor learning.
 
-The pure parts only; training stays with the caller's trainer.
+`fine_tune` is the defender's short training on a small clean (or
+unlearning) set held in memory, one jitted `lax.scan`: the fine-tuning step
+that fine-pruning, Neural Cleanse's unlearning, anti-backdoor learning and
+plain fine-tuning (BackdoorBench's "ft" row) all end with. Training from
+scratch stays with the caller's trainer.
 
 Fine-pruning (Liu, Dolan-Gavitt, Garg 2018). Backdoor behaviour tends to
 live in neurons that clean inputs leave dormant, so the defence prunes the
@@ -44,17 +48,19 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from certjax.types import Array, ArrayLike
+from certjax.types import Array, ArrayLike, PRNGKey
 from certjax.validation import check_choice, check_finite_scalar, check_int_at_least
 
 __all__ = [
-    "LGA_REDUCTIONS", "Isolation", "PruneResult", "isolate_lowest_loss", "lga_loss",
+    "FineTuneResult", "LGA_REDUCTIONS", "Isolation", "PruneResult", "fine_tune",
+    "isolate_lowest_loss", "lga_loss",
     "pruning_mask", "pruning_order", "prune_until", "unlearning_loss",
 ]
 
@@ -73,6 +79,91 @@ def _count(fraction: float, total: int) -> int:
   # The 1e-9 keeps 0.3 * 10 = 3.0000000000000004 (and 0.29 * 100) on the
   # count they stand for.
   return min(total, int(math.floor(fraction * total + 1e-9)))
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+# (params, model_state, images [B, ...], labels [B], key) -> (loss, new model_state)
+RepairLoss = Callable[[Any, Any, Array, Array, PRNGKey], tuple[Array, Any]]
+
+
+class FineTuneResult(NamedTuple):
+  """What `fine_tune` returns.
+
+  Attributes:
+    params: the fine-tuned parameters.
+    model_state: the updated non-parameter state (BatchNorm statistics; {}
+      when the model has none).
+    losses: [num_steps] the loss of every step's batch, before its update.
+  """
+  params: Any
+  model_state: Any
+  losses: Array
+
+
+def fine_tune(key: PRNGKey, loss_fn: RepairLoss, params: Any, x: ArrayLike, y: ArrayLike, *,
+              optimizer: optax.GradientTransformation, num_epochs: int, batch_size: int,
+              model_state: Any = None) -> FineTuneResult:
+  """Minimises `loss_fn` over an in-memory set for a few epochs: one jitted `lax.scan`.
+
+  Every epoch visits a fresh permutation of the N examples in floor(N /
+  batch_size) batches (the remainder is dropped, as in the defences'
+  reference code with `drop_last`); step s uses key fold_in(key, s). To
+  ascend instead (ABL's unlearning of the isolated set), return the negated
+  loss. Works under `jit` (the settings are static) and `vmap` over keys,
+  parameters or data of equal shapes.
+
+  Args:
+    key: PRNG key: the permutations and the per-step keys given to loss_fn.
+    loss_fn: (params, model_state, images, labels, key) -> (scalar loss,
+      new model_state); differentiated with respect to params.
+    params: the parameters to start from.
+    x: [N, ...] images (or any per-example arrays).
+    y: [N] labels.
+    optimizer: an optax transformation (e.g. optax.sgd(0.01, momentum=0.9)).
+    num_epochs: passes over the set, >= 1.
+    batch_size: examples per step, in [1, N].
+    model_state: the model's non-parameter state (None or {} when none).
+
+  Returns:
+    A `FineTuneResult`.
+
+  Raises:
+    ValueError: x and y of different lengths, y not rank 1, bad epochs or
+      batch size.
+  """
+  num_examples = np.shape(x)[0] if np.ndim(x) else 0
+  if np.ndim(y) != 1 or np.shape(y)[0] != num_examples or num_examples == 0:
+    raise ValueError(f"x and y must hold the same N >= 1 examples, with y of shape [N]; got "
+                     f"shapes {tuple(np.shape(x))} and {tuple(np.shape(y))}.")
+  check_int_at_least(num_epochs, "num_epochs", 1)
+  check_int_at_least(batch_size, "batch_size", 1)
+  if batch_size > num_examples:
+    raise ValueError(f"batch_size must be at most the {num_examples} examples; got "
+                     f"{batch_size}.")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}.")
+  batches = num_examples // batch_size
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  order_key, step_key = jax.random.split(key)
+  # [epochs * batches, batch_size] example indices, one permutation per epoch.
+  orders = jax.vmap(lambda k: jax.random.permutation(k, num_examples)[:batches * batch_size])(
+      jax.random.split(order_key, num_epochs)).reshape(num_epochs * batches, batch_size)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(carry, inputs):
+    params, opt_state, state = carry
+    index, step_number = inputs
+    (loss, new_state), grads = grad_fn(params, state, x[index], y[index],
+                                       jax.random.fold_in(step_key, step_number))
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, new_state), loss
+
+  state = {} if model_state is None else model_state
+  (params, _, state), losses = jax.lax.scan(
+      step, (params, optimizer.init(params), state),
+      (orders, jnp.arange(orders.shape[0], dtype=jnp.int32)))
+  return FineTuneResult(params=params, model_state=state, losses=losses)
 
 
 # ------------------------------------------------------------------ fine-pruning

@@ -97,3 +97,133 @@ def test_label_flips_record_the_labels_and_keep_the_pixels(tmp_path):
   assert len(record.indices) == round(0.1 * np.sum(clean_y == 1))
   np.testing.assert_array_equal(record.images, clean_x[record.indices])
   assert record.trigger is None
+
+
+# ------------------------------------------------------------------ model repairs
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "im2col"])
+def test_layer_tap_masks_the_last_convolution_channel_wise(conv_impl):
+  import jax  # pylint: disable=import-outside-toplevel
+  from certjax import models as models_lib  # pylint: disable=import-outside-toplevel
+  model = models_lib.IBPConvNet(num_classes=3, mean=(0.5,), std=(0.25,),
+                                convs=(models_lib.ConvSpec(4, 3, 1, "SAME"),
+                                       models_lib.ConvSpec(5, 3, 2, "SAME")),
+                                hidden=(6,), conv_impl=conv_impl)
+  variables = models_lib.init_variables(model, jax.random.key(0), (1, 6, 6, 1))
+  x = np.random.default_rng(1).random((3, 6, 6, 1)).astype(np.float32)
+  tap = common.layer_tap(model.apply, variables, x[:1], "last_conv")
+  assert tap.channels == 5
+  logits, acts = tap.apply(variables, x, None, train=False)
+  np.testing.assert_allclose(logits, model.apply(variables, x), rtol=1e-6)
+  assert acts.shape == (3, 3, 3, 5) and float(np.min(acts)) >= 0.0
+  # Pruning channels 1 and 3 is the same as zeroing their kernels and biases.
+  mask = np.array([1, 0, 1, 0, 1], np.float32)
+  masked, masked_acts = tap.apply(variables, x, mask, train=False)
+  params = jax.tree.map(np.array, variables["params"])
+  last = sorted(k for k in params if "kernel" in params[k] and params[k]["kernel"].ndim == 4)[-1]
+  params[last]["kernel"][..., mask == 0] = 0.0
+  params[last]["bias"][mask == 0] = 0.0
+  np.testing.assert_allclose(masked, model.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(masked_acts, acts)  # the activations read are before the mask
+
+
+def test_layer_tap_of_the_penultimate_features_and_bad_layers():
+  from certjax import models as models_lib  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  model = models_lib.get_model("mlp", num_classes=3, mean=(0.5,), std=(0.25,), hidden=(5,))
+  variables = models_lib.init_variables(model, jax.random.key(0), (1, 4, 4, 1))
+  x = np.random.default_rng(0).random((2, 4, 4, 1)).astype(np.float32)
+  tap = common.layer_tap(model.apply, variables, x, "penultimate")
+  features = common.penultimate_features(model.apply, variables)(x)
+  np.testing.assert_allclose(tap.apply(variables, x, None, train=False)[1], features)
+  mask = np.array([0, 1, 1, 1, 0], np.float32)
+  dense = [variables["params"][k] for k in sorted(variables["params"])][-1]
+  np.testing.assert_allclose(tap.apply(variables, x, mask, train=False)[0],
+                             (features * mask) @ dense["kernel"] + dense["bias"], rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="needs a model with a convolution"):
+    common.layer_tap(model.apply, variables, x, "last_conv")
+  with pytest.raises(ValueError, match="layer"):
+    common.layer_tap(model.apply, variables, x, "first_conv")
+
+
+def _repair_config(defences, **settings):
+  config = smoke_config("backdoor", "badnets")
+  config.backdoor.defences = defences
+  config.backdoor.nc_epochs = 2
+  config.backdoor.nc_batches_per_epoch = 2
+  config.backdoor.repair_epochs = 2
+  for key, value in settings.items():
+    config.backdoor[key] = value
+  return config
+
+
+def test_repairs_report_ca_and_asr_of_the_repaired_model():
+  workdir, _ = trained_run("backdoor", "badnets")
+  config = _repair_config(("neural_cleanse", "fine_tuning", "fine_pruning"))
+  result = evaluation.evaluate_workdir(config, workdir, "backdoor", verbose=False)
+  found = result.details["defences"]
+  tuned = found["fine_tuning"]
+  assert tuned["defender_examples"] == round(0.05 * 4000)
+  assert tuned["fine_tuning"]["steps"] == 2 * (200 // 128)
+  pruned = found["fine_pruning"]
+  # The smoke model is an MLP: 'auto' prunes its penultimate features.
+  assert pruned["layer"] == "penultimate" and pruned["channels"] == 32
+  accuracies = pruned["defender_accuracies"]
+  assert 0 <= pruned["num_pruned"] < 32 and accuracies[0] == pruned["defender_accuracy_unpruned"]
+  # Every pruning kept stays within prune_max_drop; the one after it (if any) does not.
+  kept = accuracies[:pruned["num_pruned"] + 1]
+  assert min(kept) >= accuracies[0] - 0.04
+  if len(accuracies) > len(kept):
+    assert accuracies[-1] < accuracies[0] - 0.04
+  assert "unlearning" in found["neural_cleanse"]
+  for name in ("fine_tuning", "fine_pruning", "neural_cleanse"):
+    assert 0.0 <= result.metrics[f"{name}/clean_accuracy"] <= 1.0
+    assert 0.0 <= result.metrics[f"{name}/asr"] <= 1.0
+  assert "| fine_pruning |" in result.table and "| pruning_only |" in result.table
+
+
+def test_a_repair_that_cannot_move_the_weights_scores_the_unrepaired_model():
+  # A vanishing learning rate leaves the model as it was: the repaired model's
+  # CA and ASR must then be the evaluated model's, computed the same way.
+  workdir, _ = trained_run("backdoor", "badnets")
+  config = _repair_config(("fine_tuning",), repair_learning_rate=1e-12)
+  result = evaluation.evaluate_workdir(config, workdir, "backdoor", verbose=False)
+  assert result.metrics["fine_tuning/clean_accuracy"] == result.metrics["clean_accuracy"]
+  assert result.metrics["fine_tuning/asr"] == result.metrics["asr"]
+  tuned = result.details["defences"]["fine_tuning"]["fine_tuning"]
+  assert tuned["first_loss"] > 0.0
+
+
+def test_defender_set_is_clean_and_abl_needs_its_isolation_model():
+  from certjax.evaluation import backdoor_repair  # pylint: disable=import-outside-toplevel
+  workdir, _ = trained_run("backdoor", "badnets")
+  config = smoke_config("backdoor", "badnets")
+  record = poison_files.read_record(workdir)
+  x, y = backdoor_repair.defender_set(config, record, 0.25, seed=0)
+  clean_x, clean_y = data_lib.load_split_uint8(config.data, "train")
+  assert len(y) == 1000 and x.dtype == np.float32
+  # Every defender example is a clean training example that the poison left untouched.
+  untouched = np.setdiff1d(np.arange(len(clean_y)), record.indices)
+  flat = {row.tobytes(): label for row, label in zip(clean_x[untouched], clean_y[untouched])}
+  assert all(flat.get((row * 255).round().astype(np.uint8).tobytes()) == label
+             for row, label in zip(x, y))
+  with pytest.raises(ValueError, match="repair_fraction"):
+    backdoor_repair.defender_set(config, record, 0.99, seed=0)
+  with pytest.raises(ValueError, match="abl_isolation"):
+    evaluation.evaluate_workdir(_repair_config(("abl",)), workdir, "backdoor", verbose=False)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("prune_layer", "first_conv", "backdoor.prune_layer"),
+    ("repair_fraction", 1.0, "backdoor.repair_fraction"),
+    ("prune_max_drop", 0.0, "backdoor.prune_max_drop"),
+    ("repair_epochs", 0, "backdoor.repair_epochs"),
+    ("abl_isolation_fraction", 0.0, "backdoor.abl_isolation_fraction"),
+])
+def test_bad_repair_settings(key, value, match):
+  config = smoke_config("backdoor", "badnets")
+  config.backdoor[key] = value
+  with pytest.raises(ValueError, match=match):
+    backdoor_eval.validate_settings(config.backdoor, None)

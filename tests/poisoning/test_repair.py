@@ -1,11 +1,70 @@
-"""Fine-pruning's pruning and anti-backdoor learning's losses, on hand examples."""
+"""Fine-tuning, fine-pruning's pruning and anti-backdoor learning's losses, on hand examples."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from certjax.poisoning import repair
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+def _linear_loss(params, state, x, y, key):
+  """Softmax regression; the state counts steps (a stand-in for BatchNorm statistics)."""
+  del key
+  logits = x @ params["w"] + params["b"]
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+  return loss, {"count": state["count"] + 1}
+
+
+def test_fine_tune_matches_a_python_loop_over_the_same_batches():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(23, 5)).astype(np.float32)
+  y = rng.integers(0, 3, 23).astype(np.int32)
+  params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+  optimizer = optax.sgd(0.1, momentum=0.9)
+  key = jax.random.key(4)
+  result = jax.jit(lambda k, p: repair.fine_tune(
+      k, _linear_loss, p, x, y, optimizer=optimizer, num_epochs=3, batch_size=5,
+      model_state={"count": jnp.zeros((), jnp.int32)}))(key, params)
+  # The reference: an independent NumPy loop over the documented batch order
+  # (a permutation per epoch from split(order_key, epochs), remainder dropped).
+  order_key, _ = jax.random.split(key)
+  w, b = np.zeros((5, 3)), np.zeros(3)
+  vw, vb = np.zeros_like(w), np.zeros_like(b)
+  losses = []
+  for epoch_key in jax.random.split(order_key, 3):
+    order = np.asarray(jax.random.permutation(epoch_key, 23))
+    for i in range(4):
+      idx = order[5 * i:5 * i + 5]
+      logits = x[idx] @ w + b
+      p = np.exp(logits - logits.max(1, keepdims=True))
+      p /= p.sum(1, keepdims=True)
+      losses.append(-np.mean(np.log(p[np.arange(5), y[idx]])))
+      g = (p - np.eye(3)[y[idx]]) / 5
+      vw, vb = 0.9 * vw + x[idx].T @ g, 0.9 * vb + g.sum(0)
+      w, b = w - 0.1 * vw, b - 0.1 * vb
+  np.testing.assert_allclose(result.losses, losses, rtol=1e-5)
+  np.testing.assert_allclose(result.params["w"], w, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(result.params["b"], b, rtol=1e-4, atol=1e-6)
+  assert int(result.model_state["count"]) == 12
+  assert losses[-1] < losses[0]
+
+
+def test_fine_tune_rejects_bad_settings():
+  params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+  x, y = np.zeros((4, 5), np.float32), np.zeros(4, np.int32)
+  kwargs = dict(optimizer=optax.sgd(0.1), num_epochs=1, model_state={"count": 0})
+  with pytest.raises(ValueError, match="same N"):
+    repair.fine_tune(jax.random.key(0), _linear_loss, params, x, y[:3], batch_size=2, **kwargs)
+  with pytest.raises(ValueError, match="batch_size must be at most the 4"):
+    repair.fine_tune(jax.random.key(0), _linear_loss, params, x, y, batch_size=5, **kwargs)
+  with pytest.raises(ValueError, match="num_epochs"):
+    repair.fine_tune(jax.random.key(0), _linear_loss, params, x, y, batch_size=2,
+                     optimizer=optax.sgd(0.1), num_epochs=0)
+
 
 # ------------------------------------------------------------------ fine-pruning
 

@@ -5,11 +5,13 @@
   certified     'ibp', 'crown_ibp' (`certified.py`);
   smoothing     'gaussian', 'smoothadv', 'macer', 'consistency' (`smoothing.py`);
   defences      'distillation' (`distillation.py`: defensive distillation's teacher
-                and student).
+                and student);
+  poisoning     'abl_isolation' (`poisoning.py`: anti-backdoor learning's isolation
+                stage).
 
 Each module imports the pure pieces it needs from the algorithm packages
 (`certjax.attacks`, `certjax.bounds`, `certjax.smoothing`,
-`certjax.defences`) and registers its
+`certjax.defences`, `certjax.poisoning`) and registers its
 factories with `register_objective` (`registry.py`) when imported; this
 package imports all of them, so every objective is registered once
 `certjax.training.objectives` is imported. The algorithm packages never
@@ -31,10 +33,11 @@ from certjax.training.objectives import adversarial
 from certjax.training.objectives import certified
 from certjax.training.objectives import smoothing
 from certjax.training.objectives import distillation
+from certjax.training.objectives import poisoning
 
 __all__ = [
     "LossFn", "ObjectiveContext", "accuracy", "adversarial", "certified",
     "check_objective_config", "cross_entropy", "distillation",
-    "get_objective", "objective_defaults", "objective_names", "register_objective",
-    "smoothing", "standard",
+    "get_objective", "objective_defaults", "objective_names", "poisoning",
+    "register_objective", "smoothing", "standard",
 ]
