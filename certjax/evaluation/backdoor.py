@@ -9,7 +9,10 @@ trained with `config.poison`); without one the evaluator says so. It reports:
     target class (all-to-one; every image for all-to-all) that the model
     sends to the backdoor's label once the recorded trigger is applied; for
     pairwise label flips, the share of source-class images predicted as the
-    target; none for random or greedy flips (they aim at CA);
+    target; for a targeted poison (feature collision, gradient matching),
+    1 if the model sends its target image (poison.target_index of the eval
+    split) to the adversarial class, else 0; none for random or greedy
+    flips (they aim at CA);
   * each defence of `defences` that finds poison, scored against the
     record's poisoned indices:
       spectral (Tran et al. 2018) and activation_clustering (Chen et al.
@@ -215,14 +218,25 @@ def trigger_targets(record: poison_files.PoisonRecord, y: np.ndarray
 
 def attack_success(logits_fn: Any, x: np.ndarray, y: np.ndarray,
                    record: poison_files.PoisonRecord, batch_size: int,
-                   triggered: np.ndarray | None = None) -> dict[str, Any]:
+                   triggered: np.ndarray | None = None,
+                   target_example: tuple[np.ndarray, int] | None = None) -> dict[str, Any]:
   """ASR of the recorded attack on eval images `x, y` (see the module docstring).
 
   `triggered`: `with_trigger(record.trigger, x, ...)` when the caller has it.
+  `target_example`: a targeted poison's target (`poison_files.target_image`);
+  its ASR is 1 when the model sends it to the adversarial class, else 0.
   """
   settings = record.summary["settings"]
   attack = record.summary["attack"]
   target = int(settings["target_class"])
+  if attack in poison_files.TARGETED:
+    if target_example is None:
+      raise ValueError(f"The ASR of a {attack} poison needs its target image: pass "
+                       "target_example=poison_files.target_image(data_config, target_index).")
+    prediction = int(_predict(logits_fn, target_example[0][None], 1)[0])
+    return {"asr": float(prediction == target), "asr_examples": 1,
+            "target_index": int(settings["target_index"]),
+            "target_label": int(target_example[1]), "target_prediction": prediction}
   if record.trigger is not None:
     chosen, wanted = trigger_targets(record, y)
     if not chosen.any():
@@ -263,17 +277,22 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     # Every eval image with the recorded trigger, once: ASR, STRIP and the figure use them.
     triggered = (with_trigger(record.trigger, x, batch_size)
                  if record.trigger is not None else None)
+    target_example = (poison_files.target_image(
+        run_config.data, int(record.summary["settings"]["target_index"]))
+        if record.summary["attack"] in poison_files.TARGETED else None)
     row: dict[str, Any] = {"attack": record.summary["attack"],
                            "rate": record.summary["settings"]["rate"],
                            "num_poisoned": record.summary["num_poisoned"],
                            "clean_accuracy": clean_accuracy,
-                           **attack_success(logits_fn, x, y, record, batch_size, triggered)}
+                           **attack_success(logits_fn, x, y, record, batch_size, triggered,
+                                            target_example)}
     common.report(ctx, f"backdoor: CA {100 * clean_accuracy:.2f}%, ASR "
                   + ("n/a" if row["asr"] is None else f"{100 * row['asr']:.2f}%"))
 
     def score(repaired_logits_fn: Any) -> dict[str, Any]:
       """CA and ASR of a repaired model on the same eval images."""
-      result = attack_success(repaired_logits_fn, x, y, record, batch_size, triggered)
+      result = attack_success(repaired_logits_fn, x, y, record, batch_size, triggered,
+                              target_example)
       return {"clean_accuracy": float(np.mean(
           _predict(repaired_logits_fn, x, batch_size) == y)), "asr": result["asr"]}
 

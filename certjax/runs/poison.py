@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from certjax import data as data_lib
 from certjax.poisoning.triggers import Trigger
 from certjax.runs import files
 
@@ -123,3 +124,20 @@ def read_record(workdir: str) -> PoisonRecord:
   return PoisonRecord(np.asarray(indices, np.int64), np.asarray(images),
                       np.asarray(labels, np.int32), np.asarray(original, np.int32),
                       np.asarray(poisoned, bool), trigger, summary)
+
+
+# Targeted clean-label poisons (config.poison.attack): one eval-split target image per run.
+TARGETED = ("feature_collision", "gradient_matching")
+
+
+def target_image(data_config: Any, index: int) -> tuple[np.ndarray, int]:
+  """The targeted attacks' target: eval-split image `index` (float in [0, 1]) and its label.
+
+  Raises:
+    ValueError: an index outside the eval split.
+  """
+  x, y = data_lib.load_split_uint8(data_config, data_config.eval_split)
+  if not 0 <= index < len(y):
+    raise ValueError(f"poison.target_index={index} lies outside the {len(y)} images of the "
+                     f"eval split {data_config.eval_split!r}.")
+  return x[index].astype(np.float32) / 255.0, int(y[index])

@@ -20,7 +20,17 @@ Attacks (`config.poison.attack`):
   label_flip_random, label_flip_pairwise (source_class -> target_class, rate
     of the source class), label_flip_greedy (a budget of round(rate * N)
     most damaging flips against a logistic-regression surrogate on the
-    pixels, or on `surrogate_workdir`'s penultimate features).
+    pixels, or on `surrogate_workdir`'s penultimate features);
+  feature_collision, gradient_matching: targeted clean-label poisons
+    (Shafahi et al. 2018; Geiping et al. 2021): round(rate * N) training
+    images of `target_class` (the adversarial class), perturbed within an
+    L-infinity ball of radius eps against `surrogate_workdir`'s model so
+    that the eval-split image `target_index` is classified as that class;
+    labels untouched. Feature collision runs `craft_steps` forward-backward
+    steps toward the target's penultimate features (the bounded variant);
+    gradient matching `craft_steps` signed-Adam steps with `restarts`
+    restarts. Success: the trained model's prediction on the target
+    (the 'backdoor' evaluator's ASR, over that one image).
 """
 
 from __future__ import annotations
@@ -29,8 +39,10 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from certjax import data as data_lib
@@ -40,13 +52,15 @@ from certjax import runs
 from certjax import validation
 from certjax.evaluation import common as eval_common
 from certjax.poisoning import clean_label as clean_label_lib
+from certjax.poisoning import crafting as crafting_lib
 from certjax.poisoning import labels as labels_lib
 from certjax.poisoning import triggers as triggers_lib
 from certjax.runs import poison as poison_files
 
 ATTACKS = ("", "badnets", "blended", "wanet", "clean_label", "label_flip_random",
-           "label_flip_pairwise", "label_flip_greedy")
+           "label_flip_pairwise", "label_flip_greedy", "feature_collision", "gradient_matching")
 BACKDOORS = ("badnets", "blended", "wanet")
+TARGETED = poison_files.TARGETED
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -55,8 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
   Fields:
     attack: '' (no poison) or one of ATTACKS.
     rate: the poisoned share, in [0, 1]: of the whole train split (backdoors,
-      random flips, greedy flips' budget), of the source class (pairwise
-      flips) or of the target class (clean-label).
+      random flips, greedy flips' budget, the targeted poisons' budget), of
+      the source class (pairwise flips) or of the target class (clean-label).
     mode: 'all_to_one' or 'all_to_all' (backdoors).
     target_class: the backdoor's (and pairwise flips', clean-label's) target.
     source_class: pairwise flips' source class.
@@ -65,10 +79,14 @@ def default_config() -> ml_collections.ConfigDict:
     trigger_kwargs: the trigger's settings (e.g. size, location, pattern,
       amplitude; alpha; grid_size, strength).
     cross_ratio: WaNet's noise-mode examples per backdoor example.
-    surrogate_workdir: the trained model a clean-label attack perturbs
-      against (required for it) and whose features greedy flips use ('' =
-      pixels).
-    eps, num_steps: the clean-label PGD's L-infinity radius and steps.
+    surrogate_workdir: the trained model a clean-label or targeted attack
+      perturbs against (required for them) and whose features greedy flips
+      use ('' = pixels).
+    eps, num_steps: the clean-label PGD's L-infinity radius and steps (eps
+      also bounds the targeted poisons).
+    target_index: the targeted attacks' target: an index into the eval split.
+    craft_steps, restarts: the targeted attacks' optimisation steps, and
+      gradient matching's restarts (the paper: 250 and 8).
     seed: the poison's seed (its own key stream).
   """
   return ml_collections.ConfigDict({
@@ -83,6 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
       "surrogate_workdir": "",
       "eps": 0.3,
       "num_steps": 10,
+      "target_index": 0,
+      "craft_steps": 250,
+      "restarts": 8,
       "seed": 0,
   })
 
@@ -113,6 +134,12 @@ def validate(poison: Any, num_classes: int | None = None) -> None:
     raise ValueError("poison.attack='clean_label' perturbs the target-class images against a "
                      "trained model: set poison.surrogate_workdir (ideally adversarially "
                      "trained, as Turner et al.).")
+  validation.check_int_at_least(poison.target_index, "poison.target_index", 0)
+  validation.check_int_at_least(poison.craft_steps, "poison.craft_steps", 1)
+  validation.check_int_at_least(poison.restarts, "poison.restarts", 1)
+  if attack in TARGETED and not poison.surrogate_workdir:
+    raise ValueError(f"poison.attack={attack!r} crafts poisons against a trained model: set "
+                     "poison.surrogate_workdir (a clean run of the same data and model).")
 
 
 def _settings(poison: Any) -> dict[str, Any]:
@@ -179,6 +206,9 @@ def build_record(poison: Any, images: np.ndarray, labels: np.ndarray,
         k_attack, surrogate.logits_fn(), x, y, indices, trigger=trigger,
         eps=float(poison.eps), num_steps=int(poison.num_steps))
     new_x, new_y = np.asarray(new_x), np.asarray(new_y)
+  elif attack in TARGETED:
+    indices, new_x = _targeted_poisons(poison, k_indices, k_attack, x, y, num_classes)
+    new_y = y[indices]
   else:
     if attack == "label_flip_random":
       indices, new_y = labels_lib.random_flips(k_indices, y, rate=float(poison.rate),
@@ -214,6 +244,58 @@ def build_record(poison: Any, images: np.ndarray, labels: np.ndarray,
                                    y[indices], poisoned, trigger, summary)
 
 
+def _targeted_poisons(poison: Any, k_indices: Any, k_attack: Any, x: np.ndarray, y: np.ndarray,
+                      num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indices, poisoned images) of feature collision or gradient matching."""
+  adversarial = int(poison.target_class)
+  members = np.nonzero(y == adversarial)[0]
+  count = int(round(float(poison.rate) * len(y)))
+  if not 1 <= count <= len(members):
+    raise ValueError(f"poison.rate={poison.rate} asks for {count} poisons of class "
+                     f"{adversarial}, which has {len(members)} training images (need >= 1).")
+  indices = np.sort(np.asarray(jax.random.choice(k_indices, members, (count,), replace=False)))
+  surrogate = runs.restore_model(str(poison.surrogate_workdir))
+  if surrogate.info.num_classes != num_classes:
+    raise ValueError(f"poison.surrogate_workdir has {surrogate.info.num_classes} classes; the "
+                     f"data set has {num_classes}.")
+  target, target_label = poison_files.target_image(surrogate.config.data,
+                                                   int(poison.target_index))
+  if target_label == adversarial:
+    raise ValueError(f"poison.target_index={poison.target_index} is an image of class "
+                     f"{adversarial} already; choose a target of another class than "
+                     "poison.target_class.")
+  eps = float(poison.eps)
+  if poison.attack == "feature_collision":
+    features_fn = eval_common.penultimate_features(surrogate.model.apply, surrogate.variables)
+    result = crafting_lib.feature_collision(k_attack, features_fn, x[indices], target,
+                                            num_steps=int(poison.craft_steps), eps=eps)
+    return indices, np.asarray(result.poisons)
+  params = surrogate.variables["params"]
+  state = {k: v for k, v in surrogate.variables.items() if k != "params"}
+
+  def loss_fn(p, images, labels):
+    logits = surrogate.model.apply({"params": p, **state}, images, train=False)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels))
+
+  result = crafting_lib.gradient_matching(
+      k_attack, loss_fn, params, x[indices], y[indices], target[None],
+      np.array([adversarial], np.int32), eps=eps, num_steps=int(poison.craft_steps),
+      restarts=int(poison.restarts))
+  return indices, np.clip(x[indices] + np.asarray(result.deltas), 0.0, 1.0)
+
+
+def same_settings(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+  """Whether a record made with `recorded` settings is the poison `current` asks for.
+
+  A key the record lacks (added to `config.poison` after it was written)
+  matches when the current value is that key's default.
+  """
+  defaults = _settings(default_config())
+  return set(recorded) <= set(current) and all(
+      recorded.get(k, defaults.get(k)) == v for k, v in current.items())
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """The config to train with: `config` itself, or a copy reading the recorded poison.
 
@@ -229,7 +311,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
                      "set one.")
   if poison_files.has_record(workdir):
     record = poison_files.read_record(workdir)
-    if record.summary.get("settings") != _settings(poison):
+    if not same_settings(record.summary.get("settings") or {}, _settings(poison)):
       raise ValueError(
           f"{workdir} holds a poison record made with other settings "
           f"({record.summary.get('settings')}); use a fresh workdir for this poison.")

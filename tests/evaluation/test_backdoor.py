@@ -227,3 +227,45 @@ def test_bad_repair_settings(key, value, match):
   config.backdoor[key] = value
   with pytest.raises(ValueError, match=match):
     backdoor_eval.validate_settings(config.backdoor, None)
+
+
+@pytest.mark.parametrize("attack", ["feature_collision", "gradient_matching"])
+def test_targeted_poisons_are_recorded_clean_label_and_scored_on_their_target(attack, tmp_path):
+  surrogate, _ = trained_run("backdoor", "none")
+  config = smoke_config("backdoor", attack, {"poison.surrogate_workdir": surrogate,
+                                             "poison.target_index": 3,
+                                             "num_train_steps": 2})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  record = poison_files.read_record(str(tmp_path))
+  clean_x, clean_y = data_lib.load_split_uint8(config.data, "train")
+  # 1% of the 4,000 training digits, all of the adversarial class, labels kept.
+  assert len(record.indices) == 40 and (clean_y[record.indices] == 0).all()
+  np.testing.assert_array_equal(record.labels, clean_y[record.indices])
+  change = np.abs(record.images.astype(int) - clean_x[record.indices].astype(int))
+  assert change.max() <= round(0.3 * 255) + 1 and change.max() > 0
+  config.backdoor.defences = ()
+  result = evaluation.evaluate_workdir(config, str(tmp_path), "backdoor", verbose=False)
+  target_x, target_label = poison_files.target_image(config.data, 3)
+  prediction = int(np.argmax(runs.restore_model(str(tmp_path)).logits_fn()(target_x[None])))
+  row = result.details["result"]
+  assert row["target_prediction"] == prediction and row["target_label"] == target_label != 0
+  assert result.metrics["asr"] == float(prediction == 0)
+
+
+def test_targeted_poison_settings_are_checked(tmp_path):
+  surrogate, _ = trained_run("backdoor", "none")
+  with pytest.raises(ValueError, match="surrogate_workdir"):
+    train_lib.train_and_evaluate(smoke_config("backdoor", "gradient_matching"), str(tmp_path))
+  with pytest.raises(ValueError, match="target_index=100000 lies outside"):
+    train_lib.train_and_evaluate(smoke_config("backdoor", "gradient_matching", {
+        "poison.surrogate_workdir": surrogate, "poison.target_index": 100000}), str(tmp_path))
+
+
+def test_a_record_from_before_a_new_poison_setting_still_matches_its_defaults():
+  from certjax.training import poison as poison_lib  # pylint: disable=import-outside-toplevel
+  current = poison_lib._settings(poison_lib.default_config())  # pylint: disable=protected-access
+  older = {k: v for k, v in current.items() if k != "craft_steps"}
+  assert poison_lib.same_settings(older, current)
+  assert not poison_lib.same_settings(older, {**current, "craft_steps": 3})
+  assert not poison_lib.same_settings({**current, "rate": 0.2}, current)
+  assert not poison_lib.same_settings({**current, "unknown": 1}, current)
