@@ -10,6 +10,9 @@ each model, on one batch and in one run:
     attack pays;
   * pgd: certjax.attacks.pgd (L-inf, N steps), for scale (attacks.py
     measures it at about 0.85-1.0 of fwd_bwd);
+  * tanh_adam: the floor of CW's step: N iterations of the CW gradient
+    through tanh and one Adam update each, without the binary search, the
+    abort check or the best-so-far bookkeeping;
   * cw_l2: certjax.attacks.cw_l2 with one search step of N iterations at a
     fixed c = 1 (torchattacks' setting), abort_early=False so that every
     call runs exactly N iterations;
@@ -154,13 +157,36 @@ def run_certjax(sizes: Dict[str, Tuple[int, int]], warmup: int,
                            binary_search_steps=SEARCH_STEPS, num_steps=steps // SEARCH_STEPS,
                            learning_rate=LEARNING_RATE, abort_early=False, return_info=True)
 
+    @jax.jit
+    def tanh_adam(model, x, y):
+      # The floor of any tanh-space Adam attack: CW's own step (gradient of
+      # ||x' - x||^2 - c * margin through tanh, one Adam update) without the
+      # binary search, the abort check or the best-so-far bookkeeping.
+      grad = jax.grad(lambda inputs: jnp.sum(attacks.cw_margin(model(inputs), y)))
+      w0 = jnp.arctanh((2.0 * x - 1.0) * 0.999999)
+
+      def body(i, state):
+        w, m, v = state
+        th = jnp.tanh(w)
+        x_new = (th + 1.0) / 2.0
+        g = (2.0 * (x_new - x) - CONST * grad(x_new)) * (1.0 - th * th) / 2.0
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        t = (i + 1).astype(x.dtype)
+        lr = LEARNING_RATE * jnp.sqrt(1.0 - 0.999 ** t) / (1.0 - 0.9 ** t)
+        return w - lr * m / (jnp.sqrt(v) + 1e-8), m, v
+
+      zeros = jnp.zeros_like(x)
+      return lax.fori_loop(0, steps, body, (w0, zeros, zeros))[0]
+
     key = jax.random.key(1)
     start = time.perf_counter()
     seconds = attack_bench._interleaved_seconds(  # pylint: disable=protected-access
         {"fwd_bwd": lambda: fwd_bwd(logits_fn, x_dev, y_dev),
          "pgd": lambda: pgd(logits_fn, key, x_dev, y_dev),
          "cw_l2": lambda: cw_l2(logits_fn, key, x_dev, y_dev),
-         "cw_l2_search": lambda: cw_l2_search(logits_fn, key, x_dev, y_dev)},
+         "cw_l2_search": lambda: cw_l2_search(logits_fn, key, x_dev, y_dev),
+         "tanh_adam": lambda: tanh_adam(logits_fn, x_dev, y_dev)},
         jax.block_until_ready, warmup, repeats)
     predict = jax.jit(lambda model, x: jnp.argmax(model(x), -1))
     quality = {}
@@ -180,6 +206,8 @@ def run_certjax(sizes: Dict[str, Tuple[int, int]], warmup: int,
           + "; with search " + " / ".join(f"{r['ratio_to_fwd_bwd' + s]['cw_l2_search']:.3f}"
                                          for s in SUFFIXES)
           + "; PGD " + " / ".join(f"{r['ratio_to_fwd_bwd' + s]['pgd']:.3f}" for s in SUFFIXES)
+          + "; tanh+Adam floor " + " / ".join(f"{r['ratio_to_fwd_bwd' + s]['tanh_adam']:.3f}"
+                                             for s in SUFFIXES)
           + f"; CW success {quality['cw_l2']['success_rate']:.3f}, median L2 "
           f"{quality['cw_l2']['median_l2_of_successes']}", flush=True)
     arrays[f"{name}/x"], arrays[f"{name}/y"] = x, y

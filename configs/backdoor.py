@@ -107,6 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_train_steps = 60
     config.max = 99
     config.poison.num_steps = 2
-    config.poison.craft_steps = 2
-    config.poison.restarts = 1
+    if attack in ("feature_collision", "gradient_matching"):
+      config.poison.craft_steps = 2
+      config.poison.restarts = 1
   return config

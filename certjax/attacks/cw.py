@@ -213,11 +213,12 @@ def _cw_l2_core(oracle: GradientOracle, key: PRNGKey, x: Array, y: Array,
       grad_x = 2.0 * (x_new - x0) - grad_margin.astype(dtype)
       grad_w = grad_x * (1.0 - jnp.tanh(t.w) ** 2) / 2.0
       w, m, v = _adam(t.w, grad_w, t.m, t.v, t.i + 1, lr)
-      move = _expand(active, xf)
+      if abort_early:  # aborted examples keep their iterate (without aborts all move)
+        move = _expand(active, xf)
+        w, m, v = jnp.where(move, w, t.w), jnp.where(move, m, t.m), jnp.where(move, v, t.v)
       pick = _expand(better, xf)
       return _StepState(
-          i=t.i + 1, w=jnp.where(move, w, t.w), m=jnp.where(move, m, t.m),
-          v=jnp.where(move, v, t.v), active=active, prev=prev, found=t.found | success,
+          i=t.i + 1, w=w, m=m, v=v, active=active, prev=prev, found=t.found | success,
           best_l2=jnp.where(better, l2, t.best_l2),
           best_x=jnp.where(pick, x_new, t.best_x),
           best_const=jnp.where(better, const, t.best_const))

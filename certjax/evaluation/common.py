@@ -277,10 +277,15 @@ def write_results(output_dir: str | None, stem: str, payload: Mapping[str, Any],
     files.atomic_write_json(paths["json"], payload)
     files.atomic_write_text(paths["md"], table if table.endswith("\n") else table + "\n")
     if figure is not None:
-      buffer = io.BytesIO()
-      figure.savefig(buffer, format="png")
-      files.atomic_write_bytes(paths["png"], buffer.getvalue())
+      save_figure(paths["png"], figure)
   return paths
+
+
+def save_figure(path: str, figure: Any) -> str:
+  """Writes a matplotlib `Figure` as PNG atomically (call it on process 0)."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png")
+  return files.atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_results_json(path: str, section: str, stem: str) -> dict[str, Any]:

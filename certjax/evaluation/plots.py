@@ -471,7 +471,7 @@ def backdoor_table_figure(rows: Sequence[Mapping[str, Any]], defences: Sequence[
     defences: the columns, in order.
   """
   labels = [f"{row['attack']} {100 * row['rate']:g}%" for row in rows]
-  fig = _figure(2.0 + 1.2 * len(defences), 1.2 + 0.38 * len(rows))
+  fig = _figure(2.0 + 1.2 * len(defences), 1.6 + 0.45 * len(rows))
   for panel, (key, title, cmap) in enumerate((("asr", "attack success rate (%)", "Reds"),
                                                ("clean_accuracy", "clean accuracy (%)",
                                                 "Greens"))):
@@ -493,5 +493,48 @@ def backdoor_table_figure(rows: Sequence[Mapping[str, Any]], defences: Sequence[
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(labels if panel == 0 else [], fontsize=7)
     ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def poison_gallery_figure(examples: Sequence[Mapping[str, Any]], *, title: str = ""):
+  """One row per attack: a clean eval image, the same with the attack's trigger, and
+  one recorded poisoned training example beside its clean original.
+
+  Args:
+    examples: per attack {'name', 'clean' [H, W, C], 'triggered' (or None),
+      'poison' and 'original' [H, W, C] (or None), 'poison_label',
+      'original_label'}, images in [0, 1].
+    title: the figure's title.
+  """
+  fig = _figure(6.5, 1.7 * len(examples) + 0.5)
+  columns = 4
+
+  def show(row, column, image, label):
+    ax = fig.add_subplot(len(examples), columns, row * columns + column + 1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if column == 0:
+      ax.set_ylabel(examples[row]["name"], fontsize=8)
+    if image is None:
+      for spine in ax.spines.values():
+        spine.set_visible(False)
+      ax.set_title(label, fontsize=7)
+      return
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+      image = image[..., 0]
+    ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(label, fontsize=7)
+
+  for row, example in enumerate(examples):
+    show(row, 0, example["clean"], "clean test image")
+    show(row, 1, example["triggered"],
+         "with the trigger" if example["triggered"] is not None else "no trigger")
+    show(row, 2, example["original"],
+         "" if example["original"] is None else f"training image, label {example['original_label']}")
+    show(row, 3, example["poison"],
+         "" if example["poison"] is None else f"as poisoned, label {example['poison_label']}")
+  fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   return fig

@@ -47,7 +47,9 @@ from certjax import validation
 from certjax.evaluation import backdoor as backdoor_eval
 from certjax.evaluation import common as eval_common
 from certjax.evaluation import plots
+from certjax.poisoning import triggers as triggers_lib
 from certjax.runs import files
+from certjax.runs import poison as poison_files
 from certjax.training import objectives
 from certjax.training import poison as poison_lib
 from certjax.training import train as train_lib
@@ -267,8 +269,39 @@ def run_table(table: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
     text = table_markdown(rows, defences, table)
     figure = plots.backdoor_table_figure(rows, defences)
     eval_common.write_results(root, TABLE_STEM, payload, text, figure)
+    eval_common.save_figure(os.path.join(root, "poisons.png"), plots.poison_gallery_figure(
+        poison_examples(rows, probe), title=f"The poisons of the table ({table.data})"))
     logging.info("table: wrote %s", os.path.join(root, TABLE_STEM + ".md"))
   return payload
+
+
+def poison_examples(rows: list[dict[str, Any]], config: ml_collections.ConfigDict
+                    ) -> list[dict[str, Any]]:
+  """`plots.poison_gallery_figure`'s rows: each attack's first run of the table."""
+  eval_x, eval_y = data_lib.load_split_uint8(config.data, config.data.eval_split)
+  train_x = data_lib.load_split_uint8(config.data, config.data.train_split)[0]
+  examples, seen = [], set()
+  for row in rows:
+    if row["attack"] in seen:
+      continue
+    seen.add(row["attack"])
+    record = poison_files.read_record(row["workdir"])
+    target = int(record.summary["settings"]["target_class"])
+    shown = int(np.argmax(eval_y != target))
+    clean = eval_x[shown].astype(np.float32) / 255.0
+    triggered = None
+    if record.trigger is not None:
+      triggered = np.asarray(triggers_lib.apply_trigger(record.trigger, clean[None]))[0]
+    first = int(np.argmax(record.poisoned)) if len(record.indices) else None
+    examples.append({
+        "name": f"{row['attack']} ({100 * row['rate']:g}%)", "clean": clean,
+        "triggered": triggered,
+        "original": None if first is None else
+        train_x[record.indices[first]].astype(np.float32) / 255.0,
+        "original_label": None if first is None else int(record.original_labels[first]),
+        "poison": None if first is None else record.images[first].astype(np.float32) / 255.0,
+        "poison_label": None if first is None else int(record.labels[first])})
+  return examples
 
 
 def _cell(result: dict[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_the_table_sweep_trains_evaluates_and_writes_the_table(tmp_path):
   root = str(tmp_path)
   payload = backdoor_table.run_table(table, root)
   assert {os.path.basename(p) for p in os.listdir(root)} >= {
-      "badnets_0.1", "badnets_0.1-retrain_spectral", "badnets_0.1-abl", "table.md",
+      "badnets_0.1", "badnets_0.1-retrain_spectral", "badnets_0.1-abl", "table.md", "poisons.png",
       "table.json", "table.png"}
   (row,) = payload["rows"]
   assert list(row["cells"]) == ["none", "fine_tuning", "spectral", "abl"]
