@@ -1,6 +1,6 @@
 r"""Data poisoning and backdoors: a poisoned training run, then the 'backdoor' evaluator.
 
-Argument (`--config=configs/backdoor.py:<data>,<attack>[,<rate>][,smoke]`):
+Argument (`--config=configs/backdoor.py:<data>,<attack>[,<rate>][,abl][,smoke]`):
   data: mnist5k (default; the embedded digits), mnist (full MNIST IDX from
     ../shared/data/mnist), fashion_mnist (IDX from ../shared/data/fashion_mnist),
     cifar10 (TFDS when prepared; PreAct-ResNet-18 as BackdoorBench).
@@ -9,6 +9,9 @@ Argument (`--config=configs/backdoor.py:<data>,<attack>[,<rate>][,smoke]`):
     gradient_matching, or none (a clean run to compare).
   rate: the poisoned share, e.g. 0.01 or 0.1 (default 0.1; 0.01 for the
     targeted feature_collision and gradient_matching, Witches' Brew's budget).
+  abl: train anti-backdoor learning's isolation model (objective
+    'abl_isolation') instead of a plain model; evaluate it with
+    `--config.backdoor.defences="('abl',)"`.
 
 The poison (indices, images, labels, trigger) is recorded in
 <workdir>/poison/ and the model trains on exactly that set
@@ -57,6 +60,8 @@ ATTACKS = ("none", "badnets", "blended", "wanet", "clean_label", "label_flip_ran
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   rest, smoke = split_smoke_arg(arg)
   parts = [p for p in rest.split(",") if p]
+  abl = "abl" in parts
+  parts = [p for p in parts if p != "abl"]
   if parts and parts[0] in ATTACKS:
     parts = ["mnist5k"] + parts
   name = parts[0] if parts else "mnist5k"
@@ -67,8 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   except ValueError:
     rate = -1.0
   if name not in DATA or attack not in ATTACKS or len(parts) > 3 or not 0 <= rate <= 1:
-    raise ValueError(f"configs/backdoor.py takes '<data>,<attack>[,<rate>][,smoke]' with data "
-                     f"one of {sorted(DATA)}, attack one of {ATTACKS} and rate in [0, 1]; "
+    raise ValueError(f"configs/backdoor.py takes '<data>,<attack>[,<rate>][,abl][,smoke]' with "
+                     f"data one of {sorted(DATA)}, attack one of {ATTACKS} and rate in [0, 1]; "
                      f"got {arg!r}.")
   data_name, manual_dir, model, epochs = DATA[name]
   config = base_config()
@@ -101,6 +106,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Witches' Brew's CIFAR-10 radius; on MNIST only 0.3 flipped targets in
       # our measurement (benchmarks/poison_crafting.py --success).
       config.poison.eps = 16 / 255 if name == "cifar10" else 0.3
+  if abl:
+    # Anti-backdoor learning's isolation model: local gradient ascent on the
+    # poisoned set (the 'backdoor' evaluator's 'abl' defence starts from it).
+    config.objective = ml_collections.ConfigDict({"name": "abl_isolation", "gamma": 0.5,
+                                                  "reduction": "batch"})
   if smoke:
     config = make_smoke(config)
     config.model.kwargs = ml_collections.ConfigDict({"hidden": (32,)})

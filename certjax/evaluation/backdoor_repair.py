@@ -245,8 +245,9 @@ def abl(key: Any, apply_fn: Any, variables: Any, train: tuple[np.ndarray, np.nda
   """
   if objective != ABL_OBJECTIVE:
     raise ValueError(f"backdoor.defences 'abl' starts from ABL's isolation model: train the "
-                     f"poisoned run with --config.objective.name={ABL_OBJECTIVE} (local "
-                     f"gradient ascent); this run was trained with objective {objective!r}.")
+                     f"poisoned run with objective {ABL_OBJECTIVE!r} (local gradient ascent; "
+                     f"configs/backdoor.py:<data>,<attack>,<rate>,abl); this run was trained "
+                     f"with objective {objective!r}.")
   train_x, train_y = train
   start = time.perf_counter()
   losses = per_example_losses(apply_fn, variables, train_x, train_y, int(settings.batch_size))
