@@ -1,4 +1,4 @@
-"""'backdoor': clean accuracy, attack success and the detection defences on a poisoned run.
+"""'backdoor': clean accuracy, attack success, and the defences on a poisoned run.
 
 Settings: the `backdoor` section of a config (`default_config`). The workdir
 must hold a poison record (`certjax.runs.poison`, written when the run was
@@ -20,18 +20,25 @@ trained with `config.poison`); without one the evaluator says so. It reports:
         precision, recall and (spectral) AUC of what they remove;
       neural_cleanse (Wang et al. 2019): the reversed trigger of every class
         (one vmapped program), its mask norm and anomaly index, the flagged
-        classes and whether the true target is among them;
+        classes and whether the true target is among them; with
+        `nc_unlearning`, CA/ASR after unlearning the flagged triggers;
       strip (Gao et al. 2019): the false-acceptance rate (FAR) of triggered
         eval images at the threshold giving `strip_frr` false rejections of
-        clean ones, and the AUC.
-Writes `<workdir>/backdoor/results.{json,md,png}` (the PNG: a clean image,
-its triggered copy and the trigger, then the reversed trigger of every class
-with its anomaly index).
+        clean ones, the AUC, and CA/ASR with the rejection (a rejected image
+        counts as neither correct nor a backdoor success);
+  * each model repair of `defences` (`certjax.evaluation.backdoor_repair`):
+    fine_tuning, fine_pruning (CA/ASR after pruning alone and after
+    fine-tuning) and abl (on ABL's isolation model), with CA/ASR of the
+    repaired model.
+Writes `<workdir>/backdoor/results.{json,md,png}` (the MD: CA/ASR under every
+defence, then what each found or did; the PNG: a clean image, its triggered
+copy and the trigger, then the reversed trigger of every class with its
+anomaly index).
 
-Defences that retrain or fine-tune (retraining on what spectral signatures or
-activation clustering keep, fine-pruning, Neural Cleanse's unlearning) are
-training runs: train with `config.data.exclude_file` set to the removed
-indices this evaluator saves (`<output>/removed_<defence>.npy`).
+Retraining from scratch on what spectral signatures or activation clustering
+keep is a training run: train with `config.data.exclude_file` set to the
+removed indices this evaluator saves (`<output>/removed_<defence>.npy`);
+`launch.backdoor_table` does this for every attack of its table.
 
 References:
   Gu, Dolan-Gavitt, Garg. BadNets. 2017. Chen, Liu, Li, Lu, Song. Targeted
@@ -44,6 +51,8 @@ References:
     Neural Networks. IEEE S&P 2019.
   Gao et al. STRIP: A Defence Against Trojan Attacks on Deep Neural
     Networks. ACSAC 2019.
+  Liu, Dolan-Gavitt, Garg. Fine-Pruning. RAID 2018. Li et al. Anti-Backdoor
+    Learning. NeurIPS 2021.
   Wu et al. BackdoorBench. NeurIPS 2022 Datasets and Benchmarks (the CA /
     ASR convention).
 """
@@ -257,7 +266,7 @@ def attack_success(logits_fn: Any, x: np.ndarray, y: np.ndarray,
 
 @register_evaluator(NAME, section=SECTION, default_config=default_config,
                     validate=validate_settings,
-                    summary="backdoor CA/ASR and poison detection defences")
+                    summary="backdoor CA/ASR, poison detection and model repairs")
 def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
   """The 'backdoor' evaluator for validated `settings` (see `default_config`)."""
   validate_settings(settings, setup)
