@@ -333,11 +333,19 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
           np.asarray(features_fn(train_x[s].astype(np.float32) / 255.0))
           for s in common.batches(len(train_y), batch_size)])
       num_train = len(train_y)
-      if "spectral" in names:
+      rate = float(settings.expected_rate) or largest_class_share(record, train_y)
+      if "spectral" in names and rate >= 1.0:
+        # Tran et al. separate poison from the clean examples of a class; a
+        # class that is all poison (a clean-label attack on every target
+        # image) leaves nothing to separate, and eps = 1 removes everything.
+        defences["spectral"] = {
+            "skipped": f"expected_rate {rate:g}: every training example of a class is "
+                       "poisoned, so spectral signatures have no clean examples to separate "
+                       "the poison from"}
+      elif "spectral" in names:
         start = time.perf_counter()
-        rate = float(settings.expected_rate) or largest_class_share(record, train_y)
         result = sanitize.spectral_signatures(features, train_y, num_classes=ctx.num_classes,
-                                              expected_rate=min(rate, 1.0))
+                                              expected_rate=rate)
         defences["spectral"] = {
             **_scores(sanitize.detection_scores(result.removed, poisoned, num_train)),
             "auc": float(sanitize.detection_scores(result.scores, poisoned,

@@ -242,6 +242,10 @@ def run_table(table: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
       for defence in RETRAINED:
         if defence not in defences:
           continue
+        if "skipped" in found[defence]:
+          cells[defence] = {"clean_accuracy": None, "asr": None,
+                            "skipped": found[defence]["skipped"]}
+          continue
         removed = os.path.join(workdir, backdoor_eval.SECTION, f"removed_{defence}.npy")
         retrain = ml_collections.ConfigDict(config.to_dict())
         retrain.data.exclude_file = os.path.abspath(removed)
@@ -324,6 +328,10 @@ def table_markdown(rows: list[dict[str, Any]], defences: tuple[str, ...],
              f"{_percent(row['cells'][d]['asr'])}" if d in row["cells"] else "n/a"
              for d in defences]
     lines.append(f"| {row['attack']} | {row['rate']:g} | " + " | ".join(cells) + " |")
+  skipped = [f"- {row['attack']} {row['rate']:g}, {d}: {cell['skipped']}."
+             for row in rows for d, cell in row["cells"].items() if "skipped" in cell]
+  if skipped:
+    lines += ["", "Not run:"] + skipped
   return "\n".join(lines) + "\n"
 
 

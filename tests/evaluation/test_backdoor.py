@@ -269,3 +269,19 @@ def test_a_record_from_before_a_new_poison_setting_still_matches_its_defaults():
   assert not poison_lib.same_settings(older, {**current, "craft_steps": 3})
   assert not poison_lib.same_settings({**current, "rate": 0.2}, current)
   assert not poison_lib.same_settings({**current, "unknown": 1}, current)
+
+
+def test_spectral_signatures_skip_a_class_that_is_all_poison(tmp_path):
+  # A clean-label poison of every target-class image leaves spectral
+  # signatures no clean example of that class to separate it from.
+  surrogate, _ = trained_run("backdoor", "none")
+  config = smoke_config("backdoor", "clean_label", {"poison.surrogate_workdir": surrogate,
+                                                    "poison.rate": 1.0,
+                                                    "num_train_steps": 2})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  config.backdoor.defences = ("spectral", "activation_clustering")
+  result = evaluation.evaluate_workdir(config, str(tmp_path), "backdoor", verbose=False)
+  found = result.details["defences"]
+  assert "every training example of a class is poisoned" in found["spectral"]["skipped"]
+  assert "recall" in found["activation_clustering"]
+  assert "skipped: expected_rate 1" in result.table
