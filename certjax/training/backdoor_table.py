@@ -17,9 +17,9 @@ rate of `table_config` it
 
 then writes `<root>/table.{json,md,png}`: CA and ASR of every attack and rate
 under every defence. Every step is skipped when its result is already there
-(a finished training run resumes at its last step; an evaluation whose
-results.json holds the same settings is read back), so an interrupted table
-continues where it stopped.
+(a finished training run resumes at its last step; an evaluation of the
+same checkpoint with the same settings and images is read back), so an
+interrupted table continues where it stopped.
 
 Poison rates are shares of the whole training set, as BackdoorBench's. The
 attacks whose `poison.rate` is a share of one class (clean-label: of the
@@ -43,6 +43,7 @@ from absl import logging
 from certjax import data as data_lib
 from certjax import evaluation
 from certjax import parallel
+from certjax import runs
 from certjax import validation
 from certjax.evaluation import backdoor as backdoor_eval
 from certjax.evaluation import common as eval_common
@@ -183,9 +184,10 @@ class _Runner:
     config = ml_collections.ConfigDict(config.to_dict())
     config.backdoor.defences = defences
     settings = evaluation.merged_settings("backdoor", config.backdoor).to_dict()
-    # What the results depend on beyond the checkpoint: the settings and the images.
+    # What the results depend on: the checkpoint evaluated, the settings and the images.
+    step = runs.resolve_step(workdir, int(settings["checkpoint_step"]))
     key = json.loads(json.dumps({"settings": settings, "skip": int(config.skip),
-                                 "max": int(config.max)}, default=str))
+                                 "max": int(config.max), "step": step}, default=str))
     marker = os.path.join(workdir, backdoor_eval.SECTION, "table_key.json")
     if os.path.isfile(marker):
       with open(marker) as f:
