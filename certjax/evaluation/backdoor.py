@@ -282,7 +282,8 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     batch_size = int(settings.batch_size)
     logits_fn = ctx.logits_fn()
     x, y = common.load_all(ctx.data)
-    clean_accuracy = float(np.mean(_predict(logits_fn, x, batch_size) == y))
+    clean_correct = _predict(logits_fn, x, batch_size) == y
+    clean_accuracy = float(np.mean(clean_correct))
     # Every eval image with the recorded trigger, once: ASR, STRIP and the figure use them.
     triggered = (with_trigger(record.trigger, x, batch_size)
                  if record.trigger is not None else None)
@@ -404,7 +405,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       # With rejection: a clean image counts for CA when accepted and right, a
       # triggered one for ASR when accepted and sent to the backdoor's label.
       threshold = float(metrics["threshold"])
-      clean_kept = (clean_scores <= threshold) & (_predict(logits_fn, x, batch_size) == y)
+      clean_kept = (clean_scores <= threshold) & clean_correct
       trojan_kept = (trojan_scores <= threshold) & (
           _predict(logits_fn, trojaned, batch_size) == wanted)
       defences["strip"] = {"frr": float(metrics["fpr"]),

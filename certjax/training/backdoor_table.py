@@ -222,7 +222,7 @@ def run_table(table: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   if "clean_label" in table.attacks and not surrogate:
     surrogate = runner.train(runner.config(f"{data_name},none"), "none")
   probe = runner.config(f"{data_name},none")
-  train_labels = data_lib.load_split_uint8(probe.data, probe.data.train_split)[1]
+  train_images, train_labels = data_lib.load_split_uint8(probe.data, probe.data.train_split)
   in_place = tuple(d for d in IN_PLACE + RETRAINED if d in defences)
   rows = []
   for attack in table.attacks:
@@ -276,16 +276,18 @@ def run_table(table: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
     figure = plots.backdoor_table_figure(rows, defences)
     eval_common.write_results(root, TABLE_STEM, payload, text, figure)
     eval_common.save_figure(os.path.join(root, "poisons.png"), plots.poison_gallery_figure(
-        poison_examples(rows, probe), title=f"The poisons of the table ({table.data})"))
+        poison_examples(rows, probe, train_images), title=f"The poisons of the table ({table.data})"))
     logging.info("table: wrote %s", os.path.join(root, TABLE_STEM + ".md"))
   return payload
 
 
-def poison_examples(rows: list[dict[str, Any]], config: ml_collections.ConfigDict
-                    ) -> list[dict[str, Any]]:
-  """`plots.poison_gallery_figure`'s rows: each attack's first run of the table."""
+def poison_examples(rows: list[dict[str, Any]], config: ml_collections.ConfigDict,
+                    train_x: np.ndarray) -> list[dict[str, Any]]:
+  """`plots.poison_gallery_figure`'s rows: each attack's first run of the table.
+
+  `train_x`: the clean train split's uint8 images (the run config's data).
+  """
   eval_x, eval_y = data_lib.load_split_uint8(config.data, config.data.eval_split)
-  train_x = data_lib.load_split_uint8(config.data, config.data.train_split)[0]
   examples, seen = [], set()
   for row in rows:
     if row["attack"] in seen:
