@@ -220,3 +220,85 @@ def test_knockoff_fidelity_grows_with_budget_and_defences_cost_fidelity():
   with pytest.raises(ex.QueryBudgetExceeded, match="needs 500 queries but the victim has 20"):
     ex.knockoff(jax.random.key(0), victim, surrogate, apply_fn, init, budget=500)
   assert victim.queries_used == 500
+
+
+def _relu_net2(d, h1, h2, m, seed):
+  """A random float64 f(x) = relu(relu(x a1 + b1) a2 + b2) a3 + b3 (the independent oracle)."""
+  rng = np.random.default_rng(seed)
+  a1 = rng.normal(size=(d, h1)) / np.sqrt(d)
+  b1 = rng.normal(size=h1) * 0.5
+  a2 = rng.normal(size=(h1, h2)) / np.sqrt(h1)
+  b2 = rng.normal(size=h2) * 0.5
+  a3 = rng.normal(size=(h2, m)) / np.sqrt(h2)
+  b3 = rng.normal(size=m)
+
+  def logits(x):
+    hidden = np.maximum(np.asarray(x, np.float64).reshape(len(x), -1) @ a1 + b1, 0.0)
+    return np.maximum(hidden @ a2 + b2, 0.0) @ a3 + b3
+
+  return logits, a1, b1
+
+
+@pytest.mark.parametrize("output, num_hidden", [("logits", None), ("probabilities", (10, 8))])
+def test_functionally_equivalent_extraction_recovers_a_two_hidden_layer_network(output,
+                                                                               num_hidden):
+  victim_fn, a1, b1 = _relu_net2(20, 10, 8, 3, seed=0)
+  victim = ex.QueryInterface(victim_fn, output=output)
+  copy = ex.extract_two_hidden_layers(jax.random.key(0), victim, (20,), num_hidden=num_hidden)
+  assert copy.num_neurons_found == (10, 8)
+  assert copy.queries_used == sum(copy.queries_per_layer) == victim.queries_used > 0
+  assert copy.up_to_shift == (output == "probabilities")
+  assert max(copy.sign_residual) < 1e-9 and copy.fit_residual < 1e-9
+  # The first layer is the victim's up to permutation and positive scaling.
+  scale = np.linalg.norm(a1, axis=0)
+  best = np.argmax((a1 / scale).T @ copy.w1, axis=1)
+  assert sorted(best) == list(range(10))
+  np.testing.assert_allclose(copy.w1[:, best], a1 / scale, atol=1e-6)
+  np.testing.assert_allclose(copy.b1[best], b1 / scale, atol=1e-6)
+  x = np.random.default_rng(1).uniform(0.0, 1.0, (1000, 20))
+  error = ex.max_logit_difference(copy, victim_fn, x)  # up_to_shift from the copy
+  assert error < 1e-6
+  assert ex.agreement(copy.logits(x), victim_fn(x)) == 1.0
+  np.testing.assert_allclose(jax.jit(copy.as_logits_fn())(x.astype(np.float32)),
+                             copy.logits(x), rtol=1e-4, atol=1e-4)
+  # Far from the data, where other first-layer patterns hold: the same function.
+  far = np.random.default_rng(2).normal(0.0, 10.0, (1000, 20))
+  assert ex.max_logit_difference(copy, victim_fn, far) < 1e-6 * np.max(np.abs(victim_fn(far)))
+
+
+def test_two_layer_extraction_fails_loudly_when_neurons_are_missed():
+  victim_fn, _, _ = _relu_net2(20, 10, 8, 3, seed=0)
+  x = np.random.default_rng(1).uniform(0.0, 1.0, (1000, 20))
+  # A first layer stopped at 7 of 10: its sign test and the copy are wrong.
+  copy = ex.extract_two_hidden_layers(jax.random.key(0),
+                                      ex.QueryInterface(victim_fn, output="logits"), (20,),
+                                      num_hidden=(7, 8), max_lines=4)
+  assert copy.num_neurons_found[0] == 7 and copy.sign_residual[0] > 1e-3
+  assert ex.max_logit_difference(copy, victim_fn, x) > 1e-3
+  # A second layer stopped at 6 of 8: the last-layer fit cannot explain the
+  # queries. (Stopped at 5 or 7 the copy is exact on [0, 1]^20, where the
+  # neurons left out never switch, and wrong only far from it: a search
+  # told too small a width can miss that, which is why the residuals and
+  # the patience exist.)
+  copy = ex.extract_two_hidden_layers(jax.random.key(0),
+                                      ex.QueryInterface(victim_fn, output="logits"), (20,),
+                                      num_hidden=(10, 6))
+  assert copy.num_neurons_found == (10, 6) and copy.fit_residual > 1e-4
+  assert ex.max_logit_difference(copy, victim_fn, x) > 1e-3
+
+
+def test_two_layer_extraction_refuses_bad_inputs_and_respects_the_budget():
+  victim_fn, _, _ = _relu_net2(20, 10, 8, 3, seed=0)
+  extract = lambda victim, **kw: ex.extract_two_hidden_layers(jax.random.key(0), victim,
+                                                              (20,), **kw)
+  with pytest.raises(ValueError, match="contractive first layer"):
+    extract(ex.QueryInterface(victim_fn, output="logits"), num_hidden=(20, 8))
+  with pytest.raises(ValueError, match=r"the two hidden widths \(h1, h2\)"):
+    extract(ex.QueryInterface(victim_fn, output="logits"), num_hidden=10)
+  for kwargs in ({"output": "rounded", "decimals": 3}, {"output": "label"}):
+    with pytest.raises(ValueError, match="must be 'logits' or 'probabilities'"):
+      extract(ex.QueryInterface(victim_fn, **kwargs))
+  victim = ex.QueryInterface(victim_fn, output="logits", budget=500)
+  with pytest.raises(ex.QueryBudgetExceeded):
+    extract(victim)
+  assert victim.queries_used <= 500
