@@ -9,7 +9,7 @@ models on subsets where class `property_class` makes up a share
 baseline, and the black-box one on outputs for fixed queries) and reports
 their accuracy on the held-out half against chance.
 
-Argument (`--config=configs/property.py:<data>[,smoke]`):
+Argument (`--config=configs/property.py:<data>[,rotated][,smoke]`):
   mnist5k (default): the embedded digits (test scale: what the tests run at
     'smoke').
   fashion_mnist: Fashion-MNIST IDX from ../shared/data/fashion_mnist, a pool
@@ -17,6 +17,9 @@ Argument (`--config=configs/property.py:<data>[,smoke]`):
     5% of each model's 2,000 images (its natural share is 10%).
   mnist: the same on MNIST digits (class 0).
   cifar10: the same on CIFAR-10 through TFDS when prepared (class 0, airplane).
+  rotated: instead of a class share, the property is a share of each model's
+    training images seen rotated by 90 degrees (20% against 5%), on uniform
+    subsets: a property of the training set that no label reveals.
 
 Commands:
     python -m launch.train --config=configs/property.py:fashion_mnist --workdir=/tmp/certjax/property_fmnist
@@ -34,6 +37,7 @@ import ml_collections
 
 from certjax.training.config import base_config, make_smoke, split_smoke_arg
 
+ROTATED = "rotated"  # the property: a share of the training images rotated by 90 degrees
 DATA = {  # name: (data.name, manual_dir, train_split)
     "mnist5k": ("mnist5k", "", "train"),
     "mnist": ("mnist", "../shared/data/mnist", "train[:20000]"),
@@ -45,10 +49,13 @@ DATA = {  # name: (data.name, manual_dir, train_split)
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   rest, smoke = split_smoke_arg(arg)
-  name = rest or "mnist5k"
+  parts = rest.split(",") if rest else []
+  rotated = ROTATED in parts
+  parts = [p for p in parts if p != ROTATED]
+  name = parts[0] if len(parts) == 1 else ("mnist5k" if not parts else "")
   if name not in DATA:
-    raise ValueError(f"configs/property.py takes one of {sorted(DATA)} (and 'smoke'); "
-                     f"got {arg!r}.")
+    raise ValueError(f"configs/property.py takes one of {sorted(DATA)} (and '{ROTATED}', "
+                     f"'smoke'); got {arg!r}.")
   data_name, manual_dir, train_split = DATA[name]
   config = base_config()
   config.data.name = data_name
@@ -58,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.property_class = 0
   config.data.property_fractions = (0.2, 0.05)
   config.data.property_subset_size = 2000 if name != "mnist5k" else 1000
+  if rotated:
+    config.data.property_kind = "rotated_share"
+    config.data.property_class = -1
+    config.data.property_rotation = 90
   config.num_models = 128
   config.model.name = "mlp"
   config.model.kwargs = ml_collections.ConfigDict({"hidden": (32,)})

@@ -41,11 +41,17 @@ _DEFAULTS: dict[str, Any] = {
     "property_class": -1,
     "property_fractions": (0.8, 0.2),
     "property_subset_size": 0,
+    "property_kind": "class_share",
+    "property_rotation": 90,
     "replace_file": "",
     "exclude_file": "",
 }
 
 ACCEPTED_FIELDS = tuple(_DEFAULTS)
+# The properties of membership='property' shadow models, and the rotations
+# (degrees, counter-clockwise) of property_kind='rotated_share'.
+PROPERTY_KINDS = ("class_share", "rotated_share")
+PROPERTY_ROTATIONS = (90, 180, 270)
 
 
 def accepted_names_text() -> str:
@@ -104,6 +110,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       train on `property_subset_size` examples (0: half the split) of which
       a share property_fractions[0] is of class `property_class`, odd models
       a share property_fractions[1].
+    property_kind: the property of membership='property': 'class_share'
+      (the share of `property_class`, above) or 'rotated_share' (each model
+      trains on a uniform subset of which a share property_fractions[0]
+      (even models) or [1] (odd models) is rotated by `property_rotation`
+      degrees; `property_class` stays -1).
+    property_rotation: 90, 180 or 270 (counter-clockwise), for
+      property_kind='rotated_share'.
     replace_file: an .npz (`indices`, uint8 `images`, int `labels`) whose
       examples replace those train-split examples: a poisoned training set,
       recorded so a run can be reproduced and audited
@@ -193,7 +206,19 @@ def validate_data_config(data_config: Any) -> ml_collections.FrozenConfigDict:
       raise ValueError(f"data_config.{key} must be a path string ('' for none), got "
                        f"{cfg[key]!r}.")
   if cfg["membership"] == "property":
-    if isinstance(cfg["property_class"], bool) or not isinstance(cfg["property_class"], int) or (
+    if cfg["property_kind"] not in PROPERTY_KINDS:
+      raise ValueError(f"data_config.property_kind must be one of {PROPERTY_KINDS}; got "
+                       f"{cfg['property_kind']!r}.")
+    if cfg["property_kind"] == "rotated_share":
+      if cfg["property_class"] != -1:
+        raise ValueError("data_config.property_class applies to property_kind='class_share' "
+                         "only; leave it -1 with property_kind='rotated_share' (got "
+                         f"{cfg['property_class']!r}).")
+      if (isinstance(cfg["property_rotation"], bool)
+          or cfg["property_rotation"] not in PROPERTY_ROTATIONS):
+        raise ValueError(f"data_config.property_rotation must be one of {PROPERTY_ROTATIONS} "
+                         f"(degrees, counter-clockwise); got {cfg['property_rotation']!r}.")
+    elif isinstance(cfg["property_class"], bool) or not isinstance(cfg["property_class"], int) or (
         cfg["property_class"] < 0):
       raise ValueError("data_config.membership='property' needs data_config.property_class, "
                        f"a class label >= 0; got {cfg['property_class']!r}.")

@@ -21,7 +21,10 @@ Designs (`config.data.membership`):
   'property': shadow models for property inference (Ganju et al. 2018):
     even-numbered models get subsets of `property_subset_size` examples of
     which a share `property_fractions[0]` is of class `property_class`,
-    odd-numbered ones a share `property_fractions[1]` (`property_masks`).
+    odd-numbered ones a share `property_fractions[1]` (`property_masks`);
+    with `property_kind='rotated_share'` the subsets are uniform and the
+    shares are of examples the model sees rotated (`rotated_property_masks`,
+    whose [K, N] rotation flags the trainer saves as `ROTATED_FILE`).
 
 References:
   N. Carlini, S. Chien, M. Nasr, S. Song, A. Terzis, F. Tramer. Membership
@@ -39,14 +42,18 @@ import numpy as np
 from certjax.validation import check_int_at_least
 
 MASK_FILE = "membership.npy"
+# Which examples each model of a property_kind='rotated_share' run sees rotated.
+ROTATED_FILE = "property_rotated.npy"
 _MASK_TAG = 0x6D65_6D62  # keeps this generator apart from the shuffles'
 _PROPERTY_TAG = 0x7072_6F70
+_ROTATED_TAG = 0x726F_7461
 
 
 def membership_masks(design: str, num_models: int, num_examples: int, seed: int, *,
                      fraction: float = 0.5, path: str = "", labels: Any = None,
                      property_class: int = -1, property_fractions: Any = (0.8, 0.2),
-                     property_subset_size: int = 0) -> np.ndarray:
+                     property_subset_size: int = 0,
+                     property_kind: str = "class_share") -> np.ndarray:
   """The bool [num_models, num_examples] training masks of a design (module docstring).
 
   Args:
@@ -57,8 +64,9 @@ def membership_masks(design: str, num_models: int, num_examples: int, seed: int,
     fraction: the share of models per example, for 'fraction'.
     path: the .npy file, for 'file'.
     labels: [N] labels of the train split, for 'property'.
-    property_class, property_fractions, property_subset_size: for 'property'
-      (`property_masks`; a subset size 0 means half the split).
+    property_class, property_fractions, property_subset_size, property_kind:
+      for 'property' (`property_masks`, or `rotated_property_masks` for
+      property_kind='rotated_share'; a subset size 0 means half the split).
 
   Raises:
     ValueError: an unknown design, a mask file of the wrong shape or dtype, or
@@ -92,7 +100,16 @@ def membership_masks(design: str, num_models: int, num_examples: int, seed: int,
       raise ValueError(
           f"data_config.membership_file {path} holds masks of shape {masks.shape}; this run "
           f"needs [num_models, train examples] = ({num_models}, {num_examples}).")
+  elif design == "property" and property_kind == "rotated_share":
+    fraction_with, fraction_without = tuple(property_fractions)
+    masks, _, _ = rotated_property_masks(
+        num_examples, num_models, seed, fraction_with=fraction_with,
+        fraction_without=fraction_without,
+        subset_size=property_subset_size or num_examples // 2)
   elif design == "property":
+    if property_kind != "class_share":
+      raise ValueError(f"property_kind must be 'class_share' or 'rotated_share'; got "
+                       f"{property_kind!r}.")
     if labels is None or len(labels) != num_examples:
       raise ValueError("membership='property' needs the train split's labels.")
     fraction_with, fraction_without = tuple(property_fractions)
@@ -160,6 +177,24 @@ def _whole_count(fraction: float, subset_size: int, name: str) -> int:
   return int(round(count))
 
 
+def _check_property_design(num_models: Any, fraction_with: Any, fraction_without: Any,
+                           subset_size: Any, pool_size: int) -> tuple[int, float, float, int]:
+  """(K, fraction_with, fraction_without, subset_size) of a property design, checked."""
+  num_models = check_int_at_least(num_models, "num_models", 2)
+  if num_models % 2:
+    raise ValueError(
+        f"num_models must be even (half with, half without the property); got {num_models}.")
+  fraction_with = _check_fraction(fraction_with, "fraction_with")
+  fraction_without = _check_fraction(fraction_without, "fraction_without")
+  if fraction_with == fraction_without:
+    raise ValueError(f"fraction_with and fraction_without must differ for the property to "
+                     f"be observable; both are {fraction_with!r}.")
+  subset_size = check_int_at_least(subset_size, "subset_size", 1)
+  if subset_size > pool_size:
+    raise ValueError(f"subset_size {subset_size} is larger than the pool of {pool_size} examples.")
+  return num_models, fraction_with, fraction_without, subset_size
+
+
 def property_masks(labels: Any, num_models: int, seed: int, *, property_class: int,
                    fraction_with: float, fraction_without: float, subset_size: int
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -205,24 +240,14 @@ def property_masks(labels: Any, num_models: int, seed: int, *, property_class: i
   pool = np.asarray(labels)
   if not np.issubdtype(pool.dtype, np.integer):
     raise ValueError(f"labels must hold integer class labels; got dtype {pool.dtype}.")
-  num_models = check_int_at_least(num_models, "num_models", 2)
-  if num_models % 2:
-    raise ValueError(
-        f"num_models must be even (half with, half without the property); got {num_models}.")
   if isinstance(property_class, bool) or not isinstance(property_class, (int, np.integer)) or (
       property_class < 0):
     raise ValueError(f"property_class must be a class label >= 0; got {property_class!r}.")
   if property_class not in set(pool.tolist()):
     raise ValueError(f"property_class {property_class} does not occur in the labels "
                      f"(classes {sorted(set(pool.tolist()))[:20]}).")
-  fraction_with = _check_fraction(fraction_with, "fraction_with")
-  fraction_without = _check_fraction(fraction_without, "fraction_without")
-  if fraction_with == fraction_without:
-    raise ValueError(f"fraction_with and fraction_without must differ for the property to "
-                     f"be observable; both are {fraction_with!r}.")
-  subset_size = check_int_at_least(subset_size, "subset_size", 1)
-  if subset_size > pool.size:
-    raise ValueError(f"subset_size {subset_size} is larger than the pool of {pool.size} examples.")
+  num_models, fraction_with, fraction_without, subset_size = _check_property_design(
+      num_models, fraction_with, fraction_without, subset_size, pool.size)
   in_class = np.flatnonzero(pool == property_class)
   out_class = np.flatnonzero(pool != property_class)
   groups = []
@@ -246,6 +271,107 @@ def property_masks(labels: Any, num_models: int, seed: int, *, property_class: i
     masks[model, rng.choice(out_class, num_out, replace=False)] = True
   property_labels = (np.arange(num_models) % 2 == 0).astype(np.int32)
   return masks, property_labels
+
+
+def rotated_property_masks(num_examples: int, num_models: int, seed: int, *,
+                           fraction_with: float, fraction_without: float, subset_size: int
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Shadow-model subsets with and without a share of rotated training images.
+
+  A property of the training set that no label shows (Ganju et al.'s
+  properties are of this kind): every model trains on a uniform random
+  subset of `subset_size` examples of the pool, of which exactly
+  `fraction_with * subset_size` (models 0, 2, 4, ...) or `fraction_without *
+  subset_size` (models 1, 3, 5, ...) are seen rotated. Each model draws both
+  from a generator seeded by (seed, model index), independently of the
+  others.
+
+  Args:
+    num_examples: N, the pool's size.
+    num_models: K, even and >= 2.
+    seed: the run's seed.
+    fraction_with, fraction_without: the rotated shares, different, in [0, 1].
+    subset_size: examples per model; both shares times it must be whole numbers.
+
+  Returns:
+    masks: [K, N] bool, the many-models trainer's membership masks.
+    rotated: [K, N] bool, the examples model k sees rotated (within masks[k]).
+    property_labels: [K] int32, 1 for models with the share `fraction_with`.
+
+  Raises:
+    ValueError: fractions outside [0, 1] or equal, shares that are not whole
+      counts, an odd or too small num_models, or a subset larger than the pool.
+  """
+  num_examples = check_int_at_least(num_examples, "the number of training examples", 1)
+  num_models, fraction_with, fraction_without, subset_size = _check_property_design(
+      num_models, fraction_with, fraction_without, subset_size, num_examples)
+  counts = [_whole_count(f, subset_size, name) for name, f in
+            (("fraction_with", fraction_with), ("fraction_without", fraction_without))]
+  masks = np.zeros((num_models, num_examples), bool)
+  rotated = np.zeros((num_models, num_examples), bool)
+  for model in range(num_models):
+    rng = np.random.default_rng([int(seed), _MASK_TAG, _ROTATED_TAG, model])
+    subset = rng.choice(num_examples, subset_size, replace=False)
+    masks[model, subset] = True
+    rotated[model, rng.choice(subset, counts[model % 2], replace=False)] = True
+  property_labels = (np.arange(num_models) % 2 == 0).astype(np.int32)
+  return masks, rotated, property_labels
+
+
+def rotated_copies(images: np.ndarray, labels: np.ndarray, rotated: np.ndarray,
+                   degrees: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The pool extended by rotated copies of the examples some model sees rotated.
+
+  The many-models trainer gathers every batch on the device from one image
+  array; a model's rotated examples become indices into the appended copies,
+  so the jitted step is the same as without the property and the rotation
+  is exact (`np.rot90` on the host, before training).
+
+  Args:
+    images: [N, H, W, C] training images.
+    labels: [N] their labels.
+    rotated: [K, N] bool rotation flags (`rotated_property_masks`).
+    degrees: 90, 180 or 270, counter-clockwise.
+
+  Returns:
+    (images [N + R, H, W, C], labels [N + R], slot [N] int64: the index of
+    example i's rotated copy, or -1 where no model rotates it).
+
+  Raises:
+    ValueError: flags of the wrong shape, an angle not a multiple of 90 in
+      (0, 360), or a quarter turn of non-square images.
+  """
+  rotated = np.asarray(rotated, bool)
+  if rotated.ndim != 2 or rotated.shape[1] != len(images) or len(labels) != len(images):
+    raise ValueError(f"rotated must be [K, N] flags over the {len(images)} images (with "
+                     f"{len(labels)} labels); got shape {rotated.shape}.")
+  if isinstance(degrees, bool) or degrees not in (90, 180, 270):
+    raise ValueError(f"degrees must be 90, 180 or 270; got {degrees!r}.")
+  if degrees != 180 and images.shape[1] != images.shape[2]:
+    raise ValueError(f"A {degrees} degree rotation needs square images; these are "
+                     f"{images.shape[1]}x{images.shape[2]} (use property_rotation=180).")
+  needed = np.flatnonzero(rotated.any(0))
+  slot = np.full(len(images), -1, np.int64)
+  slot[needed] = len(images) + np.arange(needed.size)
+  copies = np.rot90(images[needed], degrees // 90, axes=(1, 2))
+  return (np.concatenate([images, copies]), np.concatenate([labels, labels[needed]]), slot)
+
+
+def read_rotated_file(path: str, masks: np.ndarray) -> np.ndarray:
+  """The bool [K, N] rotation flags a rotated_share run saved, checked against its masks."""
+  rotated = read_masks_file(path)
+  if rotated.shape != np.shape(masks) or np.any(rotated & ~np.asarray(masks, bool)):
+    raise ValueError(f"{path} must hold [K, N] rotation flags within the membership masks "
+                     f"{np.shape(masks)}; found shape {rotated.shape}.")
+  return rotated
+
+
+def rotated_labels_of(masks: Any, rotated: Any, fraction_with: float,
+                      fraction_without: float) -> np.ndarray:
+  """[K] int32: 1 where model k's rotated share is nearer `fraction_with`."""
+  masks = np.asarray(masks, bool)
+  share = (np.asarray(rotated, bool) & masks).sum(1) / masks.sum(1)
+  return (np.abs(share - fraction_with) < np.abs(share - fraction_without)).astype(np.int32)
 
 
 def property_labels_of(masks: Any, labels: Any, property_class: int,

@@ -16,7 +16,12 @@ reports its accuracy on the second against chance (the majority rate):
   * 'outputs': the models' softmax outputs on `num_queries` fixed images of
     the eval split (any model; the black-box variant).
 The property labels are read back from the saved masks (each model's share
-of `property_class`), not assumed from the model order.
+of `property_class`), not assumed from the model order. With
+`data.property_kind='rotated_share'` the property is the share of a model's
+training images it saw rotated (a property no label shows); the labels come
+from the rotation flags the run's config draws, checked against the saved
+masks, and every second query image is rotated the same way (the attacker
+knows which property it tests for).
 Writes `property/results.{json,md,png}` (the PNG: held-out accuracy per kind
 beside chance).
 
@@ -135,10 +140,18 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                        "train with data.membership='property' (and data.property_class, "
                        f"data.property_fractions); this run used {data_config.membership!r}.")
     masks = np.asarray(ctx.members, bool)
-    labels = common.load_all(ctx.data)[1]
     fraction_with, fraction_without = tuple(data_config.property_fractions)
-    property_labels = membership_data.property_labels_of(
-        masks, labels, int(data_config.property_class), fraction_with, fraction_without)
+    rotation = _rotation(data_config)
+    if rotation:
+      property_labels = _rotated_labels(run_config, masks)
+      question = (f"Is a share {fraction_with:g} or {fraction_without:g} of a model's "
+                  f"training images rotated by {rotation} degrees?")
+    else:
+      labels = common.load_all(ctx.data)[1]
+      property_labels = membership_data.property_labels_of(
+          masks, labels, int(data_config.property_class), fraction_with, fraction_without)
+      question = (f"Is class {data_config.property_class} a share {fraction_with:g} or "
+                  f"{fraction_without:g} of a model's training set?")
     num_models = masks.shape[0]
     num_train = _num_train_models(num_models, settings.train_fraction)
     train, held_out = np.arange(num_train), np.arange(num_train, num_models)
@@ -154,8 +167,12 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     if "outputs" in kinds:
       queries = EvalData.from_config(data_config, data_config.eval_split, 1,
                                      int(settings.num_queries) - 1)
+      query_images = queries.load(queries.indices)[0]
+      if rotation:
+        query_images = np.array(query_images)
+        query_images[1::2] = np.rot90(query_images[1::2], rotation // 90, axes=(1, 2))
       logits = membership_eval.all_model_logits(
-          ctx.apply_fn, ctx.variables, queries.load(queries.indices)[0], "none", 500)
+          ctx.apply_fn, ctx.variables, query_images, "none", 500)
       inputs["outputs"] = logits[:, :, 0]
     rows = []
     key = jax.random.key(int(settings.seed))
@@ -178,8 +195,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
                    for k, v in result.items()})
       common.report(ctx, f"property: {kind} held-out accuracy {result['accuracy']:.3f} "
                     f"(chance {result['chance']:.3f})")
-    header = (f"Property inference: is class {data_config.property_class} a share "
-              f"{fraction_with:g} or {fraction_without:g} of a model's training set? "
+    header = (f"Property inference: {question[0].lower()}{question[1:]} "
               f"{num_models} shadow models, {num_train} for meta-training, "
               f"{num_models - num_train} held out.")
     table = accuracy_table(rows, header)
@@ -190,7 +206,9 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
         metrics[f"{row['kind']}/chance"] = row["chance"]
     payload = {"evaluator": NAME, "settings": settings.to_dict(),
                "metadata": common.metadata_block(ctx, num_models=num_models),
-               "property": {"class": int(data_config.property_class),
+               "property": {"kind": "rotated_share" if rotation else "class_share",
+                            "class": int(data_config.property_class),
+                            "rotation_degrees": rotation,
                             "fractions": [fraction_with, fraction_without],
                             "labels": property_labels.tolist()},
                "results": rows, "notes": notes}
@@ -200,6 +218,34 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
     return EvalResult(NAME, metrics, artifacts, table, details={"rows": rows})
 
   return evaluate
+
+
+def _rotation(data_config: Any) -> int:
+  """Degrees of a rotated_share property, or 0 for a class share (older configs too)."""
+  if data_config.get("property_kind", "class_share") != "rotated_share":
+    return 0
+  return int(data_config.property_rotation)
+
+
+def _rotated_labels(run_config: Any, masks: np.ndarray) -> np.ndarray:
+  """[K] property labels of a rotated_share run, from the flags its config draws.
+
+  The flags are a pure function of the config (`rotated_property_masks`); the
+  masks they come with must be the ones the run saved, or the workdir was
+  trained with other settings than its config says.
+  """
+  data_config = run_config.data
+  num_models, num_examples = masks.shape
+  drawn, rotated, _ = membership_data.rotated_property_masks(
+      num_examples, num_models, int(run_config.seed),
+      fraction_with=float(data_config.property_fractions[0]),
+      fraction_without=float(data_config.property_fractions[1]),
+      subset_size=int(data_config.property_subset_size) or num_examples // 2)
+  if not np.array_equal(drawn, masks):
+    raise ValueError("The saved membership masks differ from those the run's config draws "
+                     "for property_kind='rotated_share': the workdir's config.json does not "
+                     "describe the run that trained it.")
+  return membership_data.rotated_labels_of(masks, rotated, *data_config.property_fractions)
 
 
 def read_results(path: str) -> dict[str, Any]:

@@ -118,10 +118,17 @@ class MemberOrder:
   Model k's stream is the concatenation of permutations of its member
   indices, epoch e drawn from (seed, k, e); its batch at step s is stream
   positions [s * B, (s + 1) * B), so no example is dropped at an epoch boundary.
+  With `rotated` [K, N] flags and `rotated_slot` [N] (from
+  `membership.rotated_copies`), a member model k sees rotated is replaced by
+  the index of its rotated copy: the same order, other images.
   """
 
-  def __init__(self, masks: np.ndarray, batch_size: int, seed: int):
+  def __init__(self, masks: np.ndarray, batch_size: int, seed: int,
+               rotated: np.ndarray | None = None, rotated_slot: np.ndarray | None = None):
     self.members = [np.flatnonzero(m) for m in np.asarray(masks, bool)]
+    if rotated is not None:
+      self.members = [np.where(flags[members], rotated_slot[members], members)
+                      for members, flags in zip(self.members, np.asarray(rotated, bool))]
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     small = [k for k, m in enumerate(self.members) if len(m) < self.batch_size]
@@ -216,16 +223,16 @@ def evaluate_models(model, variables, images_u8: np.ndarray, labels: np.ndarray,
   return {"accuracy": correct / n, "loss": loss / n}
 
 
-def _check_masks_file(workdir: str, masks: np.ndarray) -> None:
-  """Writes the masks (process 0) or checks them against the ones a run saved."""
-  path = membership_lib.masks_path(workdir)
+def _check_masks_file(workdir: str, masks: np.ndarray, name: str, what: str) -> None:
+  """Writes bool [K, N] masks (process 0) or checks them against the ones a run saved."""
+  path = os.path.join(workdir, name)
   if os.path.exists(path):
     saved = membership_lib.read_masks_file(path)
     if saved.shape != masks.shape or not np.array_equal(saved, masks):
       raise ValueError(
-          f"{path} holds other membership masks (shape {saved.shape}) than this config "
+          f"{path} holds other {what} (shape {saved.shape}) than this config "
           f"draws ({masks.shape}): the workdir was trained with another seed, num_models or "
-          "data.membership. Use a new --workdir.")
+          "data.membership (or property settings). Use a new --workdir.")
     return
   if jax.process_index() == 0:
     runs.files.atomic_write_npy(path, masks)
@@ -270,8 +277,19 @@ def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResu
       fraction=float(config.data.membership_fraction), path=config.data.membership_file,
       labels=labels, property_class=int(config.data.property_class),
       property_fractions=tuple(config.data.property_fractions),
-      property_subset_size=int(config.data.property_subset_size))
-  order = MemberOrder(masks, config.batch_size, int(config.seed))
+      property_subset_size=int(config.data.property_subset_size),
+      property_kind=config.data.property_kind)
+  rotated_slot = None
+  if config.data.membership == "property" and config.data.property_kind == "rotated_share":
+    rotated = membership_lib.rotated_property_masks(
+        len(labels), num_models, int(config.seed),
+        fraction_with=float(config.data.property_fractions[0]),
+        fraction_without=float(config.data.property_fractions[1]),
+        subset_size=int(config.data.property_subset_size) or len(labels) // 2)[1]
+    images_u8, labels, rotated_slot = membership_lib.rotated_copies(
+        images_u8, labels, rotated, int(config.data.property_rotation))
+  order = MemberOrder(masks, config.batch_size, int(config.seed),
+                      rotated if rotated_slot is not None else None, rotated_slot)
   total_steps = total_many_steps(config, masks)
   state_sharding, index_sharding = _shardings(mesh, num_models, config.batch_size)
 
@@ -289,7 +307,9 @@ def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResu
 
   signer = state_lib.signing_policy(config)
   ckpt_lib.write_config(workdir, config)
-  _check_masks_file(workdir, masks)
+  _check_masks_file(workdir, masks, membership_lib.MASK_FILE, "membership masks")
+  if rotated_slot is not None:
+    _check_masks_file(workdir, rotated, membership_lib.ROTATED_FILE, "rotation flags")
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
   resumed = ckpt_lib.resume(manager, state, signer)
   if resumed.state is not None:

@@ -218,6 +218,49 @@ def test_property_masks_errors(change, message):
     membership_lib.property_masks(labels, num_models, 0, **kwargs)
 
 
+def test_rotated_property_masks_exact_shares_within_uniform_subsets():
+  masks, rotated, plabels = membership_lib.rotated_property_masks(
+      120, 4, 0, fraction_with=0.5, fraction_without=0.1, subset_size=20)
+  assert masks.shape == rotated.shape == (4, 120) and rotated.dtype == bool
+  np.testing.assert_array_equal(plabels, [1, 0, 1, 0])
+  np.testing.assert_array_equal(masks.sum(1), 20)
+  np.testing.assert_array_equal(rotated.sum(1), [10, 2, 10, 2])
+  assert not np.any(rotated & ~masks)  # a model rotates only its own examples
+  assert len({m.tobytes() for m in masks}) == 4
+  again = membership_lib.rotated_property_masks(120, 4, 0, fraction_with=0.5,
+                                                fraction_without=0.1, subset_size=20)
+  np.testing.assert_array_equal(again[1], rotated)
+  np.testing.assert_array_equal(membership_lib.rotated_labels_of(masks, rotated, 0.5, 0.1),
+                                plabels)
+  with pytest.raises(ValueError, match="num_models must be even"):
+    membership_lib.rotated_property_masks(120, 3, 0, fraction_with=0.5, fraction_without=0.1,
+                                          subset_size=20)
+  with pytest.raises(ValueError, match="whole number of examples"):
+    membership_lib.rotated_property_masks(120, 4, 0, fraction_with=0.33, fraction_without=0.1,
+                                          subset_size=20)
+
+
+def test_rotated_copies_are_exact_quarter_turns_at_the_slots():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 3, 3, 1), np.uint8)
+  labels = np.arange(6, dtype=np.int32)
+  rotated = np.zeros((2, 6), bool)
+  rotated[0, [1, 4]] = rotated[1, [4, 5]] = True
+  extended, extended_labels, slot = membership_lib.rotated_copies(images, labels, rotated, 90)
+  np.testing.assert_array_equal(slot, [-1, 6, -1, -1, 7, 8])
+  assert extended.shape == (9, 3, 3, 1)
+  np.testing.assert_array_equal(extended[:6], images)
+  for i in (1, 4, 5):  # counter-clockwise: the first row becomes the first column, upwards
+    np.testing.assert_array_equal(extended[slot[i], :, 0, 0], images[i, 0, ::-1, 0])
+    assert extended_labels[slot[i]] == labels[i]
+  half = membership_lib.rotated_copies(images, labels, rotated, 180)[0]
+  np.testing.assert_array_equal(half[6], images[1, ::-1, ::-1])
+  with pytest.raises(ValueError, match="degrees must be 90, 180 or 270"):
+    membership_lib.rotated_copies(images, labels, rotated, 45)
+  with pytest.raises(ValueError, match="needs square images"):
+    membership_lib.rotated_copies(images[:, :2], labels, rotated, 270)
+
+
 # -------------------------------------------------------------- end to end
 
 
