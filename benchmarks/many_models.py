@@ -26,6 +26,7 @@ that the report labels as such.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -66,13 +67,31 @@ def measure(model_key: str, num_models: int, batch_size: int, repeats: int) -> d
   tx = optax.adam(1e-3)
   ctx = objectives.ObjectiveContext(model.apply, 10, 1000, _Info.image_shape)
   loss_fn = objectives.get_objective(objectives.objective_defaults("standard"), ctx)
-  create = lambda key: state_lib.create_train_state(None, model, tx, _Info, key)  # noqa: E731
+  row = _measure(model, tx, loss_fn, _Info, num_models, batch_size, repeats)
+  return {"model": model_key, **row}
+
+
+def measure_config(spec: str, repeats: int) -> dict:
+  """The same figures for a shadow-model config as its runs train: its model,
+  optimizer, objective, `num_models` and `batch_size` (`spec`: 'membership:fashion_mnist')."""
+  name, _, arg = spec.partition(":")
+  config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+  info = data_lib.get_info(config.data)
+  model, tx, _, loss_fn = state_lib.model_and_objective(config, info, 1000)
+  row = _measure(model, tx, loss_fn, info, int(config.num_models), int(config.batch_size),
+                 repeats)
+  return {"model": f"{config.model.name} {dict(config.model.kwargs)}", "config": spec,
+          "optimizer": config.optimizer.name, **row}
+
+
+def _measure(model, tx, loss_fn, info, num_models: int, batch_size: int, repeats: int) -> dict:
+  create = lambda key: state_lib.create_train_state(None, model, tx, info, key)  # noqa: E731
   mesh = parallel.make_mesh()
   state_sharding, index_sharding = many_lib._shardings(mesh, num_models, batch_size)
   init_keys = many_lib.model_keys(jax.random.key(0), num_models)
   step_keys = many_lib.model_keys(jax.random.key(1), num_models)
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (4096, 28, 28, 1), np.uint8)
+  images = rng.integers(0, 256, (4096, *info.image_shape), np.uint8)
   labels = rng.integers(0, 10, 4096).astype(np.int32)
   indices = rng.integers(0, 4096, (num_models, batch_size)).astype(np.int32)
 
@@ -111,7 +130,7 @@ def measure(model_key: str, num_models: int, batch_size: int, repeats: int) -> d
   images_per_step = num_models * batch_size
   ips = {k: images_per_step / v for k, v in seconds.items()}
   return {
-      "model": model_key, "num_models": num_models, "batch_size": batch_size,
+      "num_models": num_models, "batch_size": batch_size,
       "seconds_per_round": seconds, "first_call_seconds": first,
       "images_per_s": ips,
       "ratio_vmapped_over_loop": seconds["loop"] / seconds["vmapped"],
@@ -147,9 +166,19 @@ def separate_runs(num_models: int, batch_size: int, steps: int, runs: int, tmp: 
           "ratio_separate_over_together": per_run * num_models / together}
 
 
+def _print_row(label: str, row: dict) -> None:
+  print(f"{label} K={row['num_models']} batch {row['batch_size']}: vmapped "
+        f"{row['images_per_s']['vmapped']:.0f} img/s, loop {row['images_per_s']['loop']:.0f} "
+        f"img/s, fwd+bwd limit {row['images_per_s']['fwd_bwd_limit']:.0f} img/s; "
+        f"vmapped/loop {row['ratio_vmapped_over_loop']:.2f}x, vmapped/limit "
+        f"{row['ratio_vmapped_over_fwd_bwd_limit']:.2f}")
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="mlp256,ibp_small,ibp_small_im2col")
+  parser.add_argument("--configs", default="membership:fashion_mnist,property:fashion_mnist",
+                      help="shadow-model configs measured as their runs train ('' for none)")
   parser.add_argument("--num_models", type=int, default=16)
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=10)
@@ -158,13 +187,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   rows = []
-  for model_key in args.models.split(","):
+  for spec in [c for c in args.configs.split(",") if c]:
+    row = measure_config(spec, args.repeats)
+    _print_row(f"{spec} ({row['model']}, {row['optimizer']})", row)
+    rows.append(row)
+  for model_key in [m for m in args.models.split(",") if m]:
     row = measure(model_key, args.num_models, args.batch_size, args.repeats)
-    print(f"{model_key} K={args.num_models} batch {args.batch_size}: vmapped "
-          f"{row['images_per_s']['vmapped']:.0f} img/s, loop {row['images_per_s']['loop']:.0f} "
-          f"img/s, fwd+bwd limit {row['images_per_s']['fwd_bwd_limit']:.0f} img/s; "
-          f"vmapped/loop {row['ratio_vmapped_over_loop']:.2f}x, vmapped/limit "
-          f"{row['ratio_vmapped_over_fwd_bwd_limit']:.2f}")
+    _print_row(model_key, row)
     if args.separate_runs > 0 and model_key == "mlp256":
       import tempfile  # pylint: disable=g-import-not-at-top
       with tempfile.TemporaryDirectory() as tmp:

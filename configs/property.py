@@ -31,6 +31,15 @@ accuracy; the evaluation (64 meta-training, 64 held-out models, 1,000 AdamW
 steps) in 108 s: held-out accuracy 93.8% from the outputs on 100 fixed
 queries (AUC 0.98), 64.1% from the DeepSets representation of the
 parameters (AUC 0.65), 54.7% from sorted neurons (AUC 0.50); chance 50%.
+
+The rotated-images property (`configs/property.py:fashion_mnist,rotated`, the
+same commands with that argument; measured 2026-12-03, seed 0, load 1-3):
+training 21 s (30 s wall), 79.3% mean test accuracy; the evaluation 55 s
+wall. Held-out accuracy: 100% from the outputs on 100 queries of which every
+second one is rotated (AUC 1.00: a model that saw 20% rotated images
+classifies rotated ones far better than one that saw 5%), 68.8% from
+DeepSets (AUC 0.75), 60.9% from sorted neurons (AUC 0.62); chance 50%. The
+parameters carry this property more visibly than the class share above.
 """
 
 import ml_collections
