@@ -18,10 +18,12 @@ victim:
     (agreement with the victim) on the selected eval images, per budget.
     Every mode uses the same key, so the copies see the same queries in the
     same order and differ only by the answers.
-  * 'exact': functionally equivalent extraction of a one-hidden-layer ReLU
-    MLP by the critical-point method (Jagielski et al. 2020; Carlini et al.
-    2020; `extract_one_hidden_layer`): queries used, neurons found, max
-    |logit difference| over the eval images and fidelity. The attack needs
+  * 'exact': functionally equivalent extraction of a ReLU MLP with one or
+    two hidden layers by the critical-point method (Jagielski et al. 2020;
+    Carlini et al. 2020; `extract_one_hidden_layer`,
+    `extract_two_hidden_layers`, the latter for a contractive first layer):
+    queries used, neurons found (per layer), max |logit difference| over
+    the eval images and fidelity. The attack needs
     scores it can difference, so with `exact_float64` (the default) the
     victim answers from a float64 twin of the model (its float32 weights,
     normalisation and ReLU evaluated in float64 NumPy; checked against the
@@ -253,42 +255,57 @@ def _fixed_batch_fn(fn: Callable[[Any], Any], batch_size: int) -> Callable[[Any]
 
 
 class Float64Twin:
-  """A one-hidden-layer certjax MLP evaluated in float64 NumPy (its float32 weights, exactly).
+  """A certjax MLP evaluated in float64 NumPy (its float32 weights, exactly).
 
-  logits(x) = relu(((x - mean) / std).reshape(n, -1) @ w1 + b1) @ w2 + b2:
-  `certjax.models.MLP` with one hidden layer, without its float32 rounding.
+  logits(x) = head(relu(... relu(((x - mean) / std).reshape(n, -1) @ w1 + b1) ...)):
+  `certjax.models.MLP` without its float32 rounding.
   """
 
   def __init__(self, module: Any, params: Any):
     self.mean = np.asarray(module.mean, np.float64)
     self.std = np.asarray(module.std, np.float64)
     params = jax.device_get(params)
-    self.w1 = np.asarray(params["dense_0"]["kernel"], np.float64)
-    self.b1 = np.asarray(params["dense_0"]["bias"], np.float64)
-    self.w2 = np.asarray(params["head"]["kernel"], np.float64)
-    self.b2 = np.asarray(params["head"]["bias"], np.float64)
+    as64 = lambda layer: (np.asarray(layer["kernel"], np.float64),
+                          np.asarray(layer["bias"], np.float64))
+    self.layers = [as64(params[f"dense_{i}"]) for i in range(len(module.hidden))]
+    self.head = as64(params["head"])
+
+  @property
+  def hidden_widths(self) -> tuple[int, ...]:
+    return tuple(int(w.shape[1]) for w, _ in self.layers)
 
   @property
   def hidden_width(self) -> int:
-    return int(self.w1.shape[1])
+    """Hidden neurons in all (the width of a one-hidden-layer MLP)."""
+    return sum(self.hidden_widths)
 
   def __call__(self, x: Any) -> np.ndarray:
     z = (np.asarray(x, np.float64) - self.mean) / self.std
-    return np.maximum(z.reshape(len(z), -1) @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2
+    z = z.reshape(len(z), -1)
+    for w, b in self.layers:
+      z = np.maximum(z @ w + b, 0.0)
+    w, b = self.head
+    return z @ w + b
 
 
-def one_hidden_layer_mlp(apply_fn: Any, variables: Any) -> tuple[Float64Twin | None, str]:
-  """(the float64 twin, '') of a one-hidden-layer certjax MLP, else (None, why not)."""
+# The depths exact extraction handles: `extract_one_hidden_layer` and
+# `extract_two_hidden_layers`.
+EXACT_DEPTHS = (1, 2)
+
+
+def mlp_twin(apply_fn: Any, variables: Any) -> tuple[Float64Twin | None, str]:
+  """(the float64 twin, '') of a certjax MLP with one or two hidden layers, else (None, why not)."""
   module = getattr(apply_fn, "__self__", None)
   if not isinstance(module, models.MLP):
     kind = type(module).__name__ if module is not None else "a plain function"
-    return None, (f"exact extraction needs a one-hidden-layer ReLU MLP (model 'mlp' with one "
-                  f"hidden width); the model is {kind}")
-  if len(module.hidden) != 1:
-    return None, (f"exact extraction handles one hidden layer; this MLP has "
+    return None, (f"exact extraction needs a ReLU MLP with one or two hidden layers (model "
+                  f"'mlp'); the model is {kind}")
+  if len(module.hidden) not in EXACT_DEPTHS:
+    return None, (f"exact extraction handles one or two hidden layers; this MLP has "
                   f"{len(module.hidden)} (hidden={tuple(module.hidden)})")
   params = variables.get("params", {}) if hasattr(variables, "get") else {}
-  if sorted(params) != ["dense_0", "head"]:
+  expected = sorted([f"dense_{i}" for i in range(len(module.hidden))] + ["head"])
+  if sorted(params) != expected:
     return None, f"unexpected MLP parameters {sorted(params)}"
   return Float64Twin(module, params), ""
 
@@ -382,12 +399,51 @@ def _knockoff(ctx: EvalContext, settings: ml_collections.ConfigDict, outputs: li
   return rows
 
 
+def _exact_row(copy: Any, x_test: np.ndarray, y_test: np.ndarray, reference: np.ndarray,
+               model_logits: np.ndarray) -> dict[str, Any]:
+  """The results row of one extracted copy (one or two hidden layers)."""
+  copy_logits = copy.logits(x_test)
+  two_layers = isinstance(copy, extraction.ExtractedReLU2)
+  per_layer = (tuple(copy.num_neurons_found) if two_layers else (copy.num_neurons_found,))
+  row = {
+      "queries_used": int(copy.queries_used),
+      "num_neurons_found": int(sum(per_layer)),
+      "max_logit_difference": extraction.max_logit_difference(
+          copy.logits, lambda x: reference, x_test, up_to_shift=copy.up_to_shift),
+      "max_logit_difference_float32_model": extraction.max_logit_difference(
+          copy.logits, lambda x: model_logits, x_test, up_to_shift=copy.up_to_shift),
+      "fidelity": extraction.agreement(copy_logits, model_logits),
+      "accuracy": float(np.mean(np.argmax(copy_logits, -1) == y_test)),
+      "up_to_shift": bool(copy.up_to_shift),
+      "fit_residual": float(copy.fit_residual),
+  }
+  if two_layers:
+    row.update({
+        "neurons_found_per_layer": [int(n) for n in per_layer],
+        "queries_per_layer": [int(q) for q in copy.queries_per_layer],
+        "sign_residual": float(max(copy.sign_residual)),
+        "sign_residual_per_layer": [float(r) for r in copy.sign_residual],
+        "worst_rank_one_residual": float(max(np.max(r) for r in copy.rank_one_residual)),
+        "worst_rank_one_residual_per_layer": [float(np.max(r))
+                                              for r in copy.rank_one_residual],
+    })
+  else:
+    row.update({"sign_residual": float(copy.sign_residual),
+                "worst_rank_one_residual": float(np.max(copy.rank_one_residual))})
+  return row
+
+
 def _exact(ctx: EvalContext, settings: ml_collections.ConfigDict, outputs: list[str],
            victim_fn: Callable, x_test: np.ndarray, y_test: np.ndarray,
            model_logits: np.ndarray) -> dict[str, Any]:
-  twin, reason = one_hidden_layer_mlp(ctx.apply_fn, ctx.variables)
+  twin, reason = mlp_twin(ctx.apply_fn, ctx.variables)
   if twin is None:
     return {"skipped": reason}
+  widths = twin.hidden_widths
+  input_dim = int(np.prod(x_test.shape[1:]))
+  if len(widths) == 2 and widths[0] >= input_dim:
+    return {"skipped": f"two-hidden-layer extraction needs a contractive first layer; this "
+                       f"MLP's first layer has {widths[0]} neurons for {input_dim} inputs"}
   twin_logits = twin(x_test)
   twin_error = float(np.max(np.abs(twin_logits - model_logits)))
   if twin_error > _TWIN_TOLERANCE * max(float(np.max(np.abs(model_logits))), 1.0):
@@ -396,45 +452,43 @@ def _exact(ctx: EvalContext, settings: ml_collections.ConfigDict, outputs: list[
   victim_of = twin if settings.exact_float64 else victim_fn
   reference = twin_logits if settings.exact_float64 else model_logits
   key = keys.stream_key(int(settings.seed), "extraction/exact")
+  if len(widths) == 1:
+    extract, known = extraction.extract_one_hidden_layer, widths[0]
+  else:
+    extract, known = extraction.extract_two_hidden_layers, widths
   result: dict[str, Any] = {"victim": "float64 twin" if settings.exact_float64 else "float32 model",
                             "hidden_width": twin.hidden_width,
+                            "hidden_widths": list(widths),
                             "twin_max_logit_difference": twin_error, "by_output": {}}
   for output in outputs:
     victim = extraction.QueryInterface(victim_of, output=output, num_classes=ctx.num_classes,
                                        **_output_kwargs(output, settings))
     tic = time.perf_counter()
     try:
-      copy = extraction.extract_one_hidden_layer(
-          key, victim, x_test.shape[1:],
-          num_hidden=twin.hidden_width if settings.exact_known_width else None,
-          max_lines=int(settings.exact_max_lines), patience=int(settings.exact_patience))
+      copy = extract(key, victim, x_test.shape[1:],
+                     num_hidden=known if settings.exact_known_width else None,
+                     max_lines=int(settings.exact_max_lines),
+                     patience=int(settings.exact_patience))
     except ValueError as error:  # refused (defended output) or failed (no kink found)
       first_line = (str(error).strip().splitlines() or [""])[0]
       refused = output not in ("logits", "probabilities")
       result["by_output"][output] = {"refused" if refused else "failed": first_line,
                                      "queries_used": int(victim.queries_used)}
       continue
-    copy_logits = copy.logits(x_test)
-    row = {
-        "queries_used": int(copy.queries_used),
-        "num_neurons_found": int(copy.num_neurons_found),
-        "max_logit_difference": extraction.max_logit_difference(
-            copy.logits, lambda x, r=reference: r, x_test, up_to_shift=copy.up_to_shift),
-        "max_logit_difference_float32_model": extraction.max_logit_difference(
-            copy.logits, lambda x: model_logits, x_test, up_to_shift=copy.up_to_shift),
-        "fidelity": extraction.agreement(copy_logits, model_logits),
-        "accuracy": float(np.mean(np.argmax(copy_logits, -1) == y_test)),
-        "up_to_shift": bool(copy.up_to_shift),
-        "fit_residual": float(copy.fit_residual),
-        "sign_residual": float(copy.sign_residual),
-        "worst_rank_one_residual": float(np.max(copy.rank_one_residual)),
-        "seconds": time.perf_counter() - tic,
-    }
+    row = _exact_row(copy, x_test, y_test, reference, model_logits)
+    row["seconds"] = time.perf_counter() - tic
     result["by_output"][output] = row
-    common.report(ctx, f"extraction: exact through {output}: {row['num_neurons_found']} of "
-                  f"{twin.hidden_width} neurons, {row['queries_used']} queries, max logit "
-                  f"error {row['max_logit_difference']:.3g}, fidelity {row['fidelity']:.4f}")
+    common.report(ctx, f"extraction: exact through {output}: {_neurons_cell(row, result)} "
+                  f"neurons, {row['queries_used']} queries, max logit error "
+                  f"{row['max_logit_difference']:.3g}, fidelity {row['fidelity']:.4f}")
   return result
+
+
+def _neurons_cell(row: dict[str, Any], exact: dict[str, Any]) -> str:
+  """'found/width', per hidden layer ('32/32, 16/16' for two)."""
+  found = row.get("neurons_found_per_layer", [row["num_neurons_found"]])
+  widths = exact.get("hidden_widths", [exact["hidden_width"]])
+  return ", ".join(f"{n}/{w}" for n, w in zip(found, widths))
 
 
 class _CurrentVictim:
@@ -536,7 +590,7 @@ def results_table(header: str, outputs: list[str], settings: Any, costs: dict[st
       else:
         row = exact["by_output"][output]
         if "max_logit_difference" in row:
-          cells += [f"{row['num_neurons_found']}/{exact['hidden_width']}",
+          cells += [_neurons_cell(row, exact),
                     f"{row['max_logit_difference']:.3g}", _percent(row["fidelity"]),
                     str(row["queries_used"])]
         else:
@@ -594,6 +648,8 @@ def _metrics(victim_accuracy: float, costs: dict[str, Any], knockoff: dict[str, 
       metrics[f"exact/{output}/max_logit_difference"] = row["max_logit_difference"]
       metrics[f"exact/{output}/fidelity"] = row["fidelity"]
       metrics[f"exact/{output}/neurons_found"] = float(row["num_neurons_found"])
+      for layer, found in enumerate(row.get("neurons_found_per_layer", ()), 1):
+        metrics[f"exact/{output}/neurons_found_layer{layer}"] = float(found)
   for output, row in ((square or {}).get("by_output") or {}).items():
     metrics[f"square/{output}/robust_accuracy"] = row["robust_accuracy"]
     metrics[f"square/{output}/queries"] = float(row["queries_used"])

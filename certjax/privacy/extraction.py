@@ -1223,6 +1223,34 @@ def extract_one_hidden_layer(key: PRNGKey, victim: QueryInterface,
                        rank_one_residual=np.array([n.quality for n in found.neurons]))
 
 
+def _kinks_on_plane(scores: Callable, neuron: _Neuron, points: list, search: _Search,
+                    rng: np.random.Generator) -> bool:
+  """Whether the scores have a kink exactly at each of `points` (on `neuron`'s plane).
+
+  Searched along the normal in a window of 1% of the line length: short
+  enough to hold few other kinks, long enough that the relative linearity
+  test of `_line_kinks` still sees the slope change of a weak neuron far
+  from the data, where the scores are large.
+  """
+  window = 1e-2 * search.length
+  for point in points:
+    kinks, _ = _line_kinks(scores, point, neuron.normal, -window, window,
+                           slope_step=min(search.slope_step, window / 64),
+                           tolerance=search.tolerance, min_interval=1e-9 * search.length,
+                           rng=rng, noise=search.noise)
+    if not any(abs(t) <= search.same_plane * search.length for t in kinks):
+      return False
+  return True
+
+
+def _on_plane(neuron: _Neuron, point: np.ndarray, rng: np.random.Generator,
+              distance: float) -> np.ndarray:
+  """`point` moved `distance` along a random direction of `neuron`'s plane."""
+  w = rng.normal(size=len(point))
+  w -= (w @ neuron.normal) * neuron.normal
+  return point + distance * w / np.linalg.norm(w)
+
+
 def _is_first_layer(scores: Callable, neuron: _Neuron, point: np.ndarray, search: _Search,
                     rng: np.random.Generator, tests: int) -> bool:
   """Whether a candidate neuron's hyperplane is global (first layer) or bends (deeper).
@@ -1231,28 +1259,59 @@ def _is_first_layer(scores: Callable, neuron: _Neuron, point: np.ndarray, search
   everywhere; a second-layer neuron's is that plane only within the first
   layer's activation region where it was measured, and bends wherever a
   first-layer hyperplane is crossed. So: step 1 to 2 line lengths from the
-  kink along the candidate plane, in a random direction, and search a short
-  window along the normal there for a kink exactly on the plane (Carlini
-  et al. 2020 tell the layers apart by whether a critical hyperplane
-  continues). A bent surface passes exactly through such a point with
-  probability ~0. The steps are long because the data region can sit inside
-  one first-layer activation region (random 20-10-8-3 networks do: points
-  projected from [0, 1]^20 let layer-2 surfaces pass), and a second-layer
-  surface is tested on every line that crosses it. All `tests` points must
-  show the kink; a first-layer neuron invisible at one (its every successor
-  inactive there) is only missed on this line.
+  kink along the candidate plane, in a random direction, and look for a
+  kink exactly on the plane there (Carlini et al. 2020 tell the layers
+  apart by whether a critical hyperplane continues). A bent surface passes
+  exactly through such a point with probability ~0. The steps are long
+  because the data region can sit inside one first-layer activation region
+  (random 20-10-8-3 networks do: points projected from [0, 1]^20 let
+  layer-2 surfaces pass), and a second-layer surface is tested on every
+  line that crosses it. All `tests` points must show the kink; a
+  first-layer neuron invisible at one (its every successor inactive there)
+  is only missed on this line.
   """
-  window = 64 * search.slope_step
-  for _ in range(tests):
+  points = [_on_plane(neuron, point, rng, rng.uniform(1.0, 2.0) * search.length)
+            for _ in range(tests)]
+  return _kinks_on_plane(scores, neuron, points, search, rng)
+
+
+def _is_in_orthant_plane(scores: Callable, neuron: _Neuron, point: np.ndarray,
+                         search: _Search, rng: np.random.Generator, scale: float,
+                         tests: int) -> bool:
+  """Whether an activation-space candidate's plane holds kinks elsewhere in the orthant.
+
+  A finite-difference step that crosses the kink's own plane back (lines
+  along an axis near the orthant's corner, where the second layer's planes
+  crowd, do) measures a Jacobian change that is still rank one but tilted:
+  a plane that is no neuron's. A real neuron's plane is global on the
+  orthant, so it shows kinks at other points of it, inside the orthant
+  with room for the search window: in turn, the kink `point` moved along
+  the plane in a random direction by a random distance (up to 2 `scale`)
+  of those that end inside, and a random interior point (activations 0.5
+  to 2 `scale`, growing) projected onto the plane (a plane may meet the
+  orthant in a thin wedge, or the kink sit near the corner).
+  """
+  margin = 2e-2 * search.length
+  points = []
+  for attempt in range(32 * tests):
+    if len(points) == tests:
+      break
+    if attempt % 2:
+      inside = rng.uniform(0.5, 2.0, len(point)) * scale * (1 + attempt // 8)
+      moved = inside - (neuron.normal @ inside + neuron.offset) * neuron.normal
+      if np.min(moved) > margin:
+        points.append(moved)
+      continue
     w = rng.normal(size=len(point))
     w -= (w @ neuron.normal) * neuron.normal
-    on_plane = point + rng.uniform(1.0, 2.0) * search.length * w / np.linalg.norm(w)
-    kinks, _ = _line_kinks(scores, on_plane, neuron.normal, -window, window,
-                           slope_step=search.slope_step, tolerance=search.tolerance,
-                           min_interval=1e-9 * search.length, rng=rng, noise=search.noise)
-    if not any(abs(t) <= search.same_plane * search.length for t in kinks):
-      return False
-  return True
+    w /= np.linalg.norm(w)
+    # point + r w > margin in every coordinate: an interval of r.
+    room = (margin - point) / np.where(w == 0.0, np.nan, w)
+    low = max([0.0, *room[w > 0]])
+    high = min([2.0 * scale, *room[w < 0]])
+    if low < high:
+      points.append(point + rng.uniform(low, high) * w)
+  return len(points) == tests and _kinks_on_plane(scores, neuron, points, search, rng)
 
 
 def _first_layer_signs(neurons: list) -> tuple[np.ndarray, np.ndarray, float]:
@@ -1476,10 +1535,12 @@ def extract_two_hidden_layers(key: PRNGKey, victim: QueryInterface,
 
   # A line here costs ~h1 queries per kink, and an axis is visited every
   # 3 lines: wait for every axis twice before stopping without the widths.
-  second = _search_neurons(z_scores, sample_orthant_line, z_search, rng, num_hidden=h2,
-                           max_lines=max(max_lines, 12 * width),
-                           patience=max(patience, 6 * width),
-                           residual=_assembly_residual)
+  second = _search_neurons(
+      z_scores, sample_orthant_line, z_search, rng, num_hidden=h2,
+      max_lines=max(max_lines, 12 * width), patience=max(patience, 6 * width),
+      residual=_assembly_residual,
+      accept=lambda neuron, point: _is_in_orthant_plane(z_scores, neuron, point, z_search,
+                                                        rng, scale, int(layer_tests)))
   queries = victim.queries_used - before
   if not second.neurons:
     raise ValueError(f"No second-layer neuron found on {max_lines} lines "

@@ -101,10 +101,26 @@ def test_exact_extraction_of_a_hand_built_mlp_and_skips_of_other_models():
   assert row["max_logit_difference"] < 1e-9 and row["fidelity"] == 1.0
   assert "refused" in exact["by_output"]["label"]
 
-  two_layers, variables2, _ = _hand_mlp((4, 4))
-  ctx2 = evaluation.EvalContext(apply_fn=two_layers.apply, variables=variables2, data=data,
+  # Two hidden layers (contractive first layer): extract_two_hidden_layers.
+  two_layers, variables2, _ = _hand_mlp((6, 5))
+  logits2 = np.asarray(two_layers.apply(variables2, x))
+  data2 = evaluation.EvalData.from_arrays(x, logits2.argmax(-1))
+  ctx2 = evaluation.EvalContext(apply_fn=two_layers.apply, variables=variables2, data=data2,
                                 num_classes=3, verbose=False)
-  assert "this MLP has 2" in evaluate(ctx2).details["exact"]["skipped"]
+  result2 = evaluate(ctx2)
+  exact2 = result2.details["exact"]
+  row = exact2["by_output"]["logits"]
+  assert exact2["hidden_widths"] == [6, 5] and exact2["hidden_width"] == 11
+  assert row["neurons_found_per_layer"] == [6, 5] and row["num_neurons_found"] == 11
+  assert row["max_logit_difference"] < 1e-9 and row["fidelity"] == 1.0
+  assert sum(row["queries_per_layer"]) == row["queries_used"]
+  assert result2.metrics["exact/logits/neurons_found_layer2"] == 5.0
+  assert "| 6/6, 5/5 |" in result2.table
+
+  three_layers, variables3, _ = _hand_mlp((4, 4, 4))
+  ctx3 = evaluation.EvalContext(apply_fn=three_layers.apply, variables=variables3, data=data,
+                                num_classes=3, verbose=False)
+  assert "this MLP has 3" in evaluate(ctx3).details["exact"]["skipped"]
   plain = evaluation.EvalContext.from_logits_fn(lambda v: model.apply(variables, v), data, 3,
                                                 verbose=False)
   assert "a plain function" in evaluate(plain).details["exact"]["skipped"]
