@@ -21,6 +21,25 @@ import tempfile
 import time
 from typing import Any, Callable
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reuse_freed_host_memory() -> bool:
+  """`certjax.runs.environment.reuse_freed_host_memory`, loaded by path so that the
+  PyTorch peers, which run without JAX (and so without the certjax package),
+  are timed under the same malloc settings as certjax."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(ROOT, "certjax", "runs", "environment.py")
+  spec = importlib.util.spec_from_file_location("_certjax_run_environment", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.reuse_freed_host_memory()
+
+
+# Every benchmark process, certjax's and the peers', keeps freed host memory
+# for reuse before anything is timed (recorded in each report's `host`).
+FREED_HOST_MEMORY_REUSED = _reuse_freed_host_memory()
+
 # The `kind` of each script's report: what benchmarks/reports.py dispatches on.
 KINDS = ("training",         # train_throughput.py
          "attacks",          # attacks.py (also --peers, --peers-only)
@@ -51,6 +70,7 @@ def host() -> dict[str, Any]:
       "python": platform.python_version(),
       "machine": platform.machine(),
       "versions": versions(),
+      "freed_host_memory_reused": FREED_HOST_MEMORY_REUSED,
       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
 

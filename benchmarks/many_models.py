@@ -124,6 +124,9 @@ def _measure(model, tx, loss_fn, info, num_models: int, batch_size: int, repeats
     return jax.vmap(one)(params, batch, step_keys)
 
   grads_fn = jax.jit(grads_only)
+  # The useful work of a round: XLA's count of the K models' forward and
+  # backward passes (the optimizer's elementwise update adds < 1%).
+  flops = float(grads_fn.lower(params, stacked_batch).compile().cost_analysis()["flops"])
   seconds, first = common.interleaved_seconds(
       {"vmapped": vmapped, "loop": loop,
        "fwd_bwd_limit": lambda: grads_fn(params, stacked_batch)}, repeats)
@@ -133,9 +136,26 @@ def _measure(model, tx, loss_fn, info, num_models: int, batch_size: int, repeats
       "num_models": num_models, "batch_size": batch_size,
       "seconds_per_round": seconds, "first_call_seconds": first,
       "images_per_s": ips,
+      "fwd_bwd_flops_per_round": flops,
+      "gflops_per_s": {k: flops / v / 1e9 for k, v in seconds.items()},
       "ratio_vmapped_over_loop": seconds["loop"] / seconds["vmapped"],
       "ratio_vmapped_over_fwd_bwd_limit": ips["vmapped"] / ips["fwd_bwd_limit"],
   }
+
+
+def gemm_peak_gflops(repeats: int, size: int = 2048) -> float:
+  """GFLOP/s of one large float32 matrix product: what the device sustains at best.
+
+  A loop of single-model steps already running near it has no idle
+  capacity for batching K models to fill, whatever the program (the
+  ceiling of vmapped / loop is this over the loop's GFLOP/s).
+  """
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
+  product = jax.jit(jnp.matmul)
+  seconds = common.time_call(product, a, b, repeats=repeats)
+  return 2.0 * size ** 3 / seconds / 1e9
 
 
 def _launch_seconds(overrides: list[str], workdir: str) -> float:
@@ -167,11 +187,13 @@ def separate_runs(num_models: int, batch_size: int, steps: int, runs: int, tmp: 
 
 
 def _print_row(label: str, row: dict) -> None:
+  gflops = row["gflops_per_s"]
   print(f"{label} K={row['num_models']} batch {row['batch_size']}: vmapped "
         f"{row['images_per_s']['vmapped']:.0f} img/s, loop {row['images_per_s']['loop']:.0f} "
         f"img/s, fwd+bwd limit {row['images_per_s']['fwd_bwd_limit']:.0f} img/s; "
         f"vmapped/loop {row['ratio_vmapped_over_loop']:.2f}x, vmapped/limit "
-        f"{row['ratio_vmapped_over_fwd_bwd_limit']:.2f}")
+        f"{row['ratio_vmapped_over_fwd_bwd_limit']:.2f}; GFLOP/s vmapped {gflops['vmapped']:.0f}, "
+        f"loop {gflops['loop']:.0f}")
 
 
 def main(argv=None) -> dict:
@@ -186,6 +208,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
+  peak = gemm_peak_gflops(args.repeats)
+  print(f"float32 2048^3 matrix product: {peak:.0f} GFLOP/s (the device's sustained peak)")
   rows = []
   for spec in [c for c in args.configs.split(",") if c]:
     row = measure_config(spec, args.repeats)
@@ -208,7 +232,7 @@ def main(argv=None) -> dict:
     rows.append(row)
   report = {"benchmark": "many models at once vs one at a time", "kind": "many_models",
             "environment": common.environment(), "load_average": os.getloadavg(),
-            "rows": rows}
+            "gemm_peak_gflops": peak, "rows": rows}
   if args.out:
     common.write_report(args.out, report)
   return report

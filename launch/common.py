@@ -240,10 +240,13 @@ def define_config_and_workdir(config_help: str, workdir_help: str, *,
 
 def start(argv: list[str]) -> None:
   """Start-up shared by the launchers' main(): argument check, quiet library
-  logs, and `jax.distributed.initialize()` on multi-host runs (bad CERTJAX_*
-  variables or an unreachable coordinator end the run with one clear line)."""
+  logs, freed host memory kept for reuse (`certjax.runs.environment`), and
+  `jax.distributed.initialize()` on multi-host runs (bad CERTJAX_* variables
+  or an unreachable coordinator end the run with one clear line)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  from certjax.runs import environment  # pylint: disable=g-import-not-at-top
+  environment.reuse_freed_host_memory()
   from certjax import parallel  # pylint: disable=g-import-not-at-top
   run_reporting_errors(parallel.initialize_distributed)

@@ -18,6 +18,7 @@ from certjax.runs import environment
 
 # $CERTJAX_JAX_CACHE (default ~/.cache/certjax/jax_cache), as launchers and notebooks use it.
 environment.enable_compilation_cache()
+environment.reuse_freed_host_memory()
 
 
 def smoke_config(name: str = "mnist5k", arg: str = "", overrides=None):

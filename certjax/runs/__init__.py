@@ -43,6 +43,7 @@ from certjax.runs.checkpoints import verify_step
 from certjax.runs.checkpoints import write_config
 from certjax.runs.environment import enable_compilation_cache
 from certjax.runs.environment import quiet_library_logs
+from certjax.runs.environment import reuse_freed_host_memory
 from certjax.runs.environment import subprocess_env
 from certjax.runs.files import append_jsonl
 from certjax.runs.files import atomic_write_json
@@ -59,7 +60,7 @@ __all__ = [
     "SigningPolicy", "TrainedModel", "TrainedModels", "append_jsonl", "atomic_write_json", "atomic_write_text",
     "build_model", "checkpoint_steps", "config_to_dict", "enable_compilation_cache",
     "load_trained", "make_manager", "model_input_transform", "policy_from_config",
-    "quiet_library_logs", "read_config",
+    "quiet_library_logs", "read_config", "reuse_freed_host_memory",
     "read_json", "read_jsonl", "resolve_step", "restore_latest", "restore_model", "restore_models",
     "restore_variables", "resume", "save_checkpoint", "sign_step", "step_directory",
     "subprocess_env", "verify_checkpoint", "verify_step", "write_config",

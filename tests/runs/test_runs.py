@@ -1,5 +1,6 @@
 """certjax.runs: atomic files, resumable JSON lines, checkpoint steps, progress, log filter."""
 
+import ctypes
 import logging as py_logging
 import os
 
@@ -98,3 +99,31 @@ def test_subprocess_environment_shares_the_compilation_cache(tmp_path):
   assert env["PYTHONPATH"] == "/repo:/other"
   assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cache")
   assert np.isfinite(float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+
+@pytest.mark.skipif(not environment.reuse_freed_host_memory(), reason="malloc is not glibc's")
+def test_freed_host_memory_stays_in_the_heap_for_the_next_allocation(monkeypatch):
+  # conftest applies the setting, as the launchers do. A 64 MiB block (above
+  # glibc's default mmap threshold) must come from the heap, not from a fresh
+  # mmap, and its pages must stay there after free (the heap is not trimmed).
+  libc = ctypes.CDLL("libc.so.6")
+  libc.mallinfo2.restype = _MallInfo2
+  libc.malloc.restype = ctypes.c_void_p
+  libc.free.argtypes = [ctypes.c_void_p]
+  size = 64 << 20
+  before = libc.mallinfo2()
+  block = libc.malloc(size)
+  ctypes.memset(block, 1, size)
+  during = libc.mallinfo2()
+  libc.free(block)
+  after = libc.mallinfo2()
+  assert during.hblkhd - before.hblkhd < size  # not an mmapped block
+  assert after.arena >= size and after.fordblks >= size  # kept, free, in the heap
+  monkeypatch.setenv(environment.HOST_MEMORY_ENV, "1")
+  assert environment.reuse_freed_host_memory.__wrapped__() is False
