@@ -1505,8 +1505,10 @@ def extract_two_hidden_layers(key: PRNGKey, victim: QueryInterface,
   def z_scores(z):
     return scores(centre + (z - z_centre) @ inverse)
 
-  # The activations' scale over the input range (no queries): the orthant
-  # lines start within it and reach as far as the input lines do.
+  # The activations' typical size over the input range (no queries): the
+  # orthant lines start within it and run 4 sqrt(h1) times it (twice the
+  # input lines' 2 sqrt(d): a plane that meets the orthant only where one
+  # activation is large lies far out).
   scale = float(np.median(np.abs(rng.uniform(low, high, (256, dim)) @ w1 + b1)))
   z_length = 4.0 * math.sqrt(width) * scale
   z_search = _calibrate(z_scores, rng.uniform(0.1 * scale, scale, (8, width)), rng, z_length,
@@ -1545,7 +1547,8 @@ def extract_two_hidden_layers(key: PRNGKey, victim: QueryInterface,
   if not second.neurons:
     raise ValueError(f"No second-layer neuron found on {max_lines} lines "
                      f"({queries - queries_first} queries): the network looks linear on the "
-                     "first layer's positive orthant.")
+                     "first layer's positive orthant (first-layer sign residual "
+                     f"{first_sign_residual:.2g}; a wrong first layer gives that too).")
   w2, b2, w3, b3, second_sign_residual, fit_residual = _assemble(*second)
   up_to_shift = victim.output == "probabilities"
   w3, b3 = _with_reference_class(w3, b3, up_to_shift)
