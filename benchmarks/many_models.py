@@ -7,12 +7,20 @@ idle, K of them in one program do not. Measured on the same machine, in one
 process, with the same model, batch and optimizer:
   * vmapped: steps/s of the K-model step (`many.make_many_step`: on-device
     gather of each model's batch, objective, gradient, optax update), as
-    images/s = K * batch / t;
+    images/s = K * batch / t, in the trainer's blocks of models
+    (`many.models_per_block`; `vmapped_one_block`: all K as one vmap);
   * loop: K calls of the jitted single-model step (`state.train_step_fn`,
     what `train_and_evaluate` runs) per round, the same FLOPs;
   * fwd_bwd_limit: images/s of the vmapped gradient alone (no optimizer, no
     gather), the raw limit of the same K models;
-  * ratio vmapped / loop (the utilisation gain) and vmapped / fwd_bwd_limit.
+  * ratio vmapped / loop (the utilisation gain) and vmapped / fwd_bwd_limit;
+  * GFLOP/s of each (XLA's count of the forward and backward passes), beside
+    the device's sustained peak, a 2048^3 float32 matrix product: a loop
+    already near the peak leaves batching little to gain.
+Rows: the shadow-model configs as their runs train (`--configs`: model,
+optimizer, objective, num_models and batch_size of configs/membership.py and
+configs/property.py), then the models of `--models` at `--num_models` and
+`--batch_size` with adam.
 With `--separate_runs R > 0` it also launches (for mlp256, through
 configs/membership.py) R separate single-model `launch.train` processes and
 one `launch.train` of K models, each of `--steps` steps, start-up and compilation included (what a user launching
@@ -95,13 +103,26 @@ def _measure(model, tx, loss_fn, info, num_models: int, batch_size: int, repeats
   labels = rng.integers(0, 10, 4096).astype(np.int32)
   indices = rng.integers(0, 4096, (num_models, batch_size)).astype(np.int32)
 
-  many_step = many_lib.make_many_step(loss_fn, tx, False, state_sharding, index_sharding, mesh)
-  stacked = {"state": jax.jit(jax.vmap(create))(init_keys)}
+  # The trainer's program: blocks of models on a one-device CPU
+  # (`many.models_per_block`), and the same K models as one vmap beside it.
+  block = many_lib.models_per_block(0, num_models, mesh)
+  block = block if block < num_models else 0
 
-  def vmapped():
-    stacked["state"], metrics = many_step(stacked["state"], images, labels, indices,
-                                          step_keys, step_keys)
-    return metrics
+  def make_vmapped(block):
+    step = many_lib.make_many_step(loss_fn, tx, False, state_sharding, index_sharding, mesh,
+                                   block)
+    state = jax.jit(jax.vmap(create))(init_keys)
+    held = {"state": many_lib.split_models(state, block) if block else state}
+
+    def call():
+      held["state"], metrics = step(held["state"], images, labels, indices, step_keys,
+                                    step_keys)
+      return metrics
+    return call
+
+  calls = {"vmapped": make_vmapped(block)}
+  if block:
+    calls["vmapped_one_block"] = make_vmapped(0)
 
   single_step = jax.jit(state_lib.train_step_fn(loss_fn, tx), donate_argnums=(0,))
   singles = [create(k) for k in init_keys]
@@ -128,12 +149,13 @@ def _measure(model, tx, loss_fn, info, num_models: int, batch_size: int, repeats
   # backward passes (the optimizer's elementwise update adds < 1%).
   flops = float(grads_fn.lower(params, stacked_batch).compile().cost_analysis()["flops"])
   seconds, first = common.interleaved_seconds(
-      {"vmapped": vmapped, "loop": loop,
-       "fwd_bwd_limit": lambda: grads_fn(params, stacked_batch)}, repeats)
+      {**calls, "loop": loop, "fwd_bwd_limit": lambda: grads_fn(params, stacked_batch)},
+      repeats)
   images_per_step = num_models * batch_size
   ips = {k: images_per_step / v for k, v in seconds.items()}
   return {
       "num_models": num_models, "batch_size": batch_size,
+      "models_per_block": block or num_models,
       "seconds_per_round": seconds, "first_call_seconds": first,
       "images_per_s": ips,
       "fwd_bwd_flops_per_round": flops,
@@ -194,6 +216,9 @@ def _print_row(label: str, row: dict) -> None:
         f"vmapped/loop {row['ratio_vmapped_over_loop']:.2f}x, vmapped/limit "
         f"{row['ratio_vmapped_over_fwd_bwd_limit']:.2f}; GFLOP/s vmapped {gflops['vmapped']:.0f}, "
         f"loop {gflops['loop']:.0f}")
+  if "vmapped_one_block" in row["images_per_s"]:
+    print(f"  in blocks of {row['models_per_block']}; as one vmap of {row['num_models']}: "
+          f"{row['images_per_s']['vmapped_one_block']:.0f} img/s")
 
 
 def main(argv=None) -> dict:

@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   # model index; training subsets from data.membership): shadow and reference
   # models, ensembles, clients (certjax.training.many).
   c.num_models = 1
+  # Models per vmapped block of the K-model step (K a multiple of it; 0: 8 on
+  # a one-device CPU, all K elsewhere). Measured on a 2-core CPU, 32 MLPs
+  # train up to 1.4x faster as 4 blocks of 8 than as one vmap of 32.
+  c.models_per_block = 0
   # Which eval images the evaluators use, as in Cohen et al.'s certify.py:
   # every `skip`-th image, stopping after index `max` (-1: all).
   c.skip = 1
@@ -197,6 +201,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   validation.check_int_at_least(config.skip, "skip", 1)
   validation.check_int_at_least(config.max, "max", -1)
   validation.check_int_at_least(config.num_models, "num_models", 1)
+  validation.check_int_at_least(config.get("models_per_block", 0), "models_per_block", 0)
+  if config.get("models_per_block", 0) and config.num_models % config.models_per_block:
+    raise ValueError(f"num_models={config.num_models} must be a multiple of models_per_block="
+                     f"{config.models_per_block} (0 chooses for the device).")
   if is_many_models(config) and len(config.evals or {}):
     raise ValueError(
         f"config.evals runs evaluators on one model during training; a run of "

@@ -68,6 +68,8 @@ def test_bad_configs_are_clear_errors(tmp_path):
     train_lib.train_and_evaluate(many_config(evals={"pgd": {"type": "robust"}}), str(tmp_path))
   with pytest.raises(ValueError, match="num_models must be"):
     train_lib.train_and_evaluate(many_config(num_models=0), str(tmp_path))
+  with pytest.raises(ValueError, match="multiple of models_per_block=3"):
+    train_lib.train_and_evaluate(many_config(models_per_block=3), str(tmp_path))
 
 
 def test_member_order_walks_each_models_own_members():
@@ -116,6 +118,28 @@ def test_vmapped_step_equals_one_model_at_a_time():
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
   assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
   assert float(metrics["loss_worst_model"]) == pytest.approx(max(losses), rel=1e-5)
+  # In blocks of models (the CPU default), each block its own vmap: the same models.
+  blocked_step = many_lib.make_many_step(loss_fn, tx, False, sharding, index_sharding, mesh,
+                                         block=K // 2)
+  fresh = jax.vmap(create)(init_keys)  # the first step consumed (donated) `stacked`
+  blocks, blocked_metrics = blocked_step(many_lib.split_models(fresh, K // 2), images, labels,
+                                         indices, train_keys, train_keys)
+  assert len(blocks) == 2
+  for a, b in zip(jax.tree.leaves(new_stacked), jax.tree.leaves(many_lib.join_models(blocks))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  for name, value in metrics.items():
+    assert float(blocked_metrics[name]) == pytest.approx(float(value), rel=1e-6), name
+
+
+def test_models_per_block():
+  cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  assert [many_lib.models_per_block(0, k, cpu) for k in (32, 16, 12, 7, 3)] == [8, 8, 6, 7, 3]
+  assert many_lib.models_per_block(4, 32, cpu) == 4
+  with pytest.raises(ValueError, match="multiple of models_per_block=5"):
+    many_lib.models_per_block(5, 32, cpu)
+  if len(jax.devices()) > 1:  # a model axis split over devices keeps one block
+    two = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    assert many_lib.models_per_block(0, 32, two) == 32
 
 
 def test_device_crop_flip_matches_the_host_augmentation():
@@ -151,14 +175,19 @@ def test_run_trains_k_models_saves_masks_and_restores_members(many_run):
 
 def test_resume_is_exact_and_masks_are_checked(many_run, tmp_path):
   workdir = str(tmp_path / "resumed")
-  train_lib.train_and_evaluate(many_config(), workdir)
+  # In blocks of 2 models (saved and restored as one stacked state): the same models.
+  blocked = many_config(models_per_block=2)
+  uninterrupted = train_lib.train_and_evaluate(blocked, workdir)
+  for a, b in zip(jax.tree.leaves(jax.device_get(uninterrupted.state.params)),
+                  jax.tree.leaves(jax.device_get(many_run.state.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # float rounding of the blocks
   # Lose the last checkpoint (a run killed after step 20's): the resumed run
   # must end bit for bit where the uninterrupted one did, logging each step once.
   import shutil
   shutil.rmtree(os.path.join(workdir, "checkpoints", "40"))
-  resumed = train_lib.train_and_evaluate(many_config(), workdir)
+  resumed = train_lib.train_and_evaluate(blocked, workdir)
   for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state.params)),
-                  jax.tree.leaves(jax.device_get(many_run.state.params))):
+                  jax.tree.leaves(jax.device_get(uninterrupted.state.params))):
     np.testing.assert_array_equal(a, b)
   steps = [r["step"] for r in metrics_lib.read_metrics(workdir) if r["split"] == "train"]
   assert steps == [20, 40]
