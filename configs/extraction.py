@@ -67,23 +67,27 @@ Two hidden layers (full MNIST, seed 0, the same shared 2-core CPU, load ~2):
     python -m launch.evaluate --evaluator=extraction --config=configs/extraction.py:mnist_deep --workdir=/tmp/certjax/extraction_mnist_deep
 training 14 s wall, victim 784-32-16-10 test accuracy 96.44%; the evaluation
 23 s wall (exact extraction 7 s). Exact extraction through probabilities:
-32/32 first-layer and 16/16 second-layer neurons, 1,486,302 queries
-(1,459,461 finding the first layer, 26,841 the second in its activation
-space), max logit error 4.95e-9 over the 10,000 test images (logits
-centred), fidelity 100% (residuals: sign 5.7e-11 / 1.3e-11, fit 3.1e-11).
+32/32 first-layer and 16/16 second-layer neurons, 1,485,540 queries
+(1,459,461 finding the first layer, 26,079 the second in its activation
+space), max logit error 5.1e-9 over the 10,000 test images (logits
+centred), fidelity 100% (residuals: sign 5.7e-11 / 1.9e-11, fit 2.7e-11).
 Through logits (`--config.extraction.outputs='("logits",)'`): 32/32, 16/16,
-2,287,392 queries, max logit error 1.64e-9, fidelity 100%, 10 s. The other
+2,285,890 queries, max logit error 1.6e-9, fidelity 100%, 8 s. The other
 columns: Knockoff fidelity @10k 97.31% (probabilities), 97.32% (rounded),
-96.41% (top-1, label); Square robust accuracy 6 / 24 / 5 / 95%. With the
-default exact_patience of 8 the search stopped at 30 of 32 first-layer
-neurons (two sit ~4 pixel-units from the data, crossed by ~5% of lines);
-the second layer's residuals (0.3-0.4) showed it. The _deep configs wait
-32 idle lines. Against the float32 model itself
+96.41% (top-1, label); Square robust accuracy 6 / 24 / 5 / 95%. A
+784-64-32-10 victim (`--config.model.kwargs.hidden='(64,32)'`, 97.57%, 14 s
+to train): 64/64, 32/32 through logits (2,226,121 queries, error 1.0e-8,
+16 s) and probabilities (1,945,284 queries, error 1.2e-8, 15 s), fidelity
+100%. With the default exact_patience of 8 the search stopped at 30 of 32
+first-layer neurons (two sit ~4 pixel-units from the data, crossed by ~5%
+of the lines); the second layer's residuals (0.3-0.4) showed it. The _deep
+configs wait 32 idle lines. Against the float32 model itself
 (`--config.extraction.exact_float64=False`, probabilities) the attack
 fails: its rounding noise (relative ~1e-7) widens the on-plane test to
-1e-3 of the line length, two second-layer surfaces pass as first-layer
-neurons (33 found; sign residual 0.89 shows it), and the second layer is
-then not found (2,110,354 queries, 1 min 46 s, reported as failed).
+1e-3 of the line length, second-layer surfaces pass as first-layer neurons
+(33 found in a direct run; first-layer sign residual 0.81 in the
+evaluator's), and then no second-layer neuron is found (2,110,359 queries,
+78 s; reported as failed with that message).
 """
 
 import ml_collections
