@@ -49,7 +49,7 @@ def test_every_config_is_valid_and_documented(name):
 @pytest.mark.parametrize("name, arg", [
     (name, arg) for name in ("membership", "property", "inversion", "extraction")
     for arg in sorted(importlib.import_module(f"configs.{name}").DATA)]
-    + [("property", "fashion_mnist,rotated")])
+    + [("property", "fashion_mnist,rotated"), ("extraction", "mnist_deep")])
 def test_every_data_set_of_the_privacy_configs_is_valid(name, arg):
   from certjax.training import config as config_lib
   config = importlib.import_module(f"configs.{name}").get_config(arg)

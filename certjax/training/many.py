@@ -27,7 +27,9 @@ What a run does (`train_many(config, workdir)`, reached through
   * sharding: when K is a multiple of the device count, the model axis is
     split over the devices (no communication at all: each device trains its
     own models); otherwise every device holds all models and the batch axis
-    is split;
+    is split; on one CPU device the K models are vmapped in blocks of
+    `config.models_per_block` (default 8) inside the one program
+    (`models_per_block`);
   * checkpoints: the stacked `TrainState`, one orbax checkpoint per save,
     signed like a single model's (`certjax.runs.checkpoints`), restored
     together by `certjax.runs.restore_models`, whose `.member(k)` is model k
@@ -404,10 +406,11 @@ def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResu
       and config.model.get("conv_impl", "xla") == "xla"):
     # Measured by benchmarks/many_models.py (2-core CPU, K = 16, ibp_small):
     # vmapped over per-model weights, XLA:CPU convolutions run as grouped
-    # convolutions at 0.4x the speed of training the models one by one;
-    # im2col turns them into batched matrix products, 3x faster.
+    # convolutions at 0.5x the speed of training the models one by one;
+    # im2col turns them into batched matrix products, 1.7x faster (0.8x of
+    # the loop; 2026-12-03 reference run).
     logging.warning("Training %d convolutional models vmapped on a CPU: set "
-                    "--config.model.conv_impl=im2col (about 3x faster here, same models).",
+                    "--config.model.conv_impl=im2col (about 1.7x faster here, same models).",
                     num_models)
   history = []
   start_time = time.perf_counter()
