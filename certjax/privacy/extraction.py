@@ -946,6 +946,36 @@ def _with_reference_class(w: np.ndarray, b: np.ndarray,
   return np.concatenate([np.zeros((len(w), 1)), w], 1), np.concatenate([[0.0], b])
 
 
+def _input_space_search(key: PRNGKey, victim: QueryInterface, shape: tuple[int, ...],
+                        tolerance: float, fd_step: float | None,
+                        input_range: tuple[float, float], line_length: float | None) -> tuple:
+  """What a critical-point search in input space starts from (checked settings).
+
+  Returns (dim, low, high, line length, host rng, counted scores, the
+  calibrated `_Search`, and `sample_line()`: a random line through a point
+  of the input range, searched over [-length, length]). The calibration
+  queries the victim.
+  """
+  check_in_open_interval(tolerance, "tolerance", 0.0, 1.0)
+  if fd_step is not None:
+    check_in_open_interval(fd_step, "fd_step", 0.0, 1.0)
+  dim = int(np.prod(shape))
+  low, high = float(input_range[0]), float(input_range[1])
+  length = 2.0 * math.sqrt(dim) * (high - low) if line_length is None else line_length
+  check_positive(length, "line_length")
+  rng = _host_rng(key)
+  scores = _scores_fn(victim, shape)
+  search = _calibrate(scores, rng.uniform(low, high, (8, dim)), rng, length, tolerance,
+                      fd_step)
+
+  def sample_line():
+    x0 = rng.uniform(low, high, dim)
+    u = rng.normal(size=dim)
+    return x0, u / np.linalg.norm(u), -length, length
+
+  return dim, low, high, length, rng, scores, search, sample_line
+
+
 def _check_extraction_settings(victim: QueryInterface, input_shape: Any, num_hidden: Any,
                                max_lines: int, patience: int,
                                input_range: tuple[float, float]) -> tuple[int, ...]:
@@ -1195,24 +1225,9 @@ def extract_one_hidden_layer(key: PRNGKey, victim: QueryInterface,
   victim = _check_victim(victim)
   shape = _check_extraction_settings(victim, input_shape, num_hidden, max_lines, patience,
                                      input_range)
-  check_in_open_interval(tolerance, "tolerance", 0.0, 1.0)
-  if fd_step is not None:
-    check_in_open_interval(fd_step, "fd_step", 0.0, 1.0)
-  dim = int(np.prod(shape))
-  low, high = float(input_range[0]), float(input_range[1])
-  length = 2.0 * math.sqrt(dim) * (high - low) if line_length is None else line_length
-  check_positive(length, "line_length")
-  rng = _host_rng(key)
-  scores = _scores_fn(victim, shape)
   before = victim.queries_used
-  search = _calibrate(scores, rng.uniform(low, high, (8, dim)), rng, length, tolerance,
-                      fd_step)
-
-  def sample_line():
-    x0 = rng.uniform(low, high, dim)
-    u = rng.normal(size=dim)
-    return x0, u / np.linalg.norm(u), -length, length
-
+  dim, low, high, length, rng, scores, search, sample_line = _input_space_search(
+      key, victim, shape, tolerance, fd_step, input_range, line_length)
   found = _search_neurons(scores, sample_line, search, rng, num_hidden=num_hidden,
                           max_lines=max_lines, patience=patience, residual=_assembly_residual)
   queries = victim.queries_used - before
@@ -1458,27 +1473,12 @@ def extract_two_hidden_layers(key: PRNGKey, victim: QueryInterface,
   victim = _check_victim(victim)
   shape = _check_extraction_settings(victim, input_shape, None, max_lines, patience,
                                      input_range)
-  dim = int(np.prod(shape))
-  h1, h2 = _check_widths(num_hidden, dim)
-  check_in_open_interval(tolerance, "tolerance", 0.0, 1.0)
-  if fd_step is not None:
-    check_in_open_interval(fd_step, "fd_step", 0.0, 1.0)
+  h1, h2 = _check_widths(num_hidden, int(np.prod(shape)))
   check_int_at_least(layer_tests, "layer_tests", 1)
-  low, high = float(input_range[0]), float(input_range[1])
-  length = 2.0 * math.sqrt(dim) * (high - low) if line_length is None else line_length
-  check_positive(length, "line_length")
-  rng = _host_rng(key)
-  scores = _scores_fn(victim, shape)
   before = victim.queries_used
-
   # Layer 1, in input space.
-  search = _calibrate(scores, rng.uniform(low, high, (8, dim)), rng, length, tolerance,
-                      fd_step)
-
-  def sample_line():
-    x0 = rng.uniform(low, high, dim)
-    u = rng.normal(size=dim)
-    return x0, u / np.linalg.norm(u), -length, length
+  dim, low, high, length, rng, scores, search, sample_line = _input_space_search(
+      key, victim, shape, tolerance, fd_step, input_range, line_length)
 
   def first_layer_residual(found):
     return _first_layer_signs(found.neurons)[2] if len(found.neurons) < dim else math.inf
