@@ -27,17 +27,21 @@ Commands (Fashion-MNIST, 32 models):
     python -m launch.train --config=configs/membership.py:fashion_mnist --workdir=/tmp/certjax/mia_fmnist
     python -m launch.evaluate --evaluator=membership --config=configs/membership.py:fashion_mnist --workdir=/tmp/certjax/mia_fmnist
 
-Expected result (measured on Fashion-MNIST, seed 0, 2026-12-03, 2 CPU cores under load 3-5 from
-other jobs): 32 models of 2,344 steps (60 epochs of ~5,000 images each) in
-459 s of training (7m53s wall with start-up and compilation); every model
-100% on its own training images, 84.7% mean test accuracy (84.2-85.3%).
-The evaluation (4 targets in turn, 31 shadows each, 5 shift queries per
-image, 10,000 candidates) took 82 s. TPR at 0.1% FPR: LiRA online 4.29%,
-online fixed-variance 4.07%, offline 1.71%, offline fixed 1.30%, RMIA online
-1.20%, offline 0.76%, Shokri 0.14%, global threshold 0.09%, label-only 0.00%
-(AUC 0.69 / 0.66 / 0.55 / 0.55 / 0.64 / 0.63 / 0.66 / 0.53 / 0.53). With 16
-shadows (`--config.membership.num_shadows=16`): online fixed 3.03% > offline
-fixed 1.36% > online 0.46% > offline 0.36% > global 0.09%.
+Expected result (measured on Fashion-MNIST, seed 0, 2026-12-03, 2 CPU cores at load 1.5-2,
+with the CPU defaults of blocks of 8 models and freed memory kept for reuse):
+32 models of 2,344 steps (60 epochs of ~5,000 images each) in 89 s of
+training (94 s wall with start-up and compilation; 459 s under load 3-5
+before those two defaults); every model 100% on its own training images,
+84.7% mean test accuracy (84.2-85.2%). The evaluation (4 targets in turn, 31
+shadows each, 5 shift queries per image, 10,000 candidates) took 34 s. TPR at
+0.1% FPR: LiRA online fixed-variance 4.18%, online 3.41%, offline fixed
+1.16%, offline 0.90%, RMIA online 0.98%, offline 0.71%, class-wise loss
+0.20%, Shokri 0.11%, global threshold 0.10%, label-only 0.00% (AUC 0.66 /
+0.69 / 0.55 / 0.55 / 0.64 / 0.62 / 0.65 / 0.66 / 0.53 / 0.52). With 16
+shadows (`--config.membership.num_shadows=16`, 30 s): online fixed 3.56% >
+offline fixed 1.11% > online 0.49% > offline 0.28% > global 0.10%, the
+published ordering except that per-example online falls below offline
+fixed: 8 IN and 8 OUT models give noisy per-example variances.
 """
 
 import ml_collections
