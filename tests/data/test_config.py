@@ -14,7 +14,8 @@ def test_default_config_fields_and_values():
       "train_split": "train", "eval_split": "test", "augment": "none",
       "image_size": 0, "num_eval_examples": -1, "split_seed": 0, "membership": "all",
       "membership_fraction": 0.5, "membership_file": "", "property_class": -1,
-      "property_fractions": (0.8, 0.2), "property_subset_size": 0, "replace_file": "",
+      "property_fractions": (0.8, 0.2), "property_subset_size": 0,
+      "property_kind": "class_share", "property_rotation": 90, "replace_file": "",
       "exclude_file": ""}
   assert tuple(cfg.keys()) == tuple(sorted(data.ACCEPTED_FIELDS))
 
