@@ -101,11 +101,8 @@ def membership_masks(design: str, num_models: int, num_examples: int, seed: int,
           f"data_config.membership_file {path} holds masks of shape {masks.shape}; this run "
           f"needs [num_models, train examples] = ({num_models}, {num_examples}).")
   elif design == "property" and property_kind == "rotated_share":
-    fraction_with, fraction_without = tuple(property_fractions)
-    masks, _, _ = rotated_property_masks(
-        num_examples, num_models, seed, fraction_with=fraction_with,
-        fraction_without=fraction_without,
-        subset_size=property_subset_size or num_examples // 2)
+    masks, _ = rotated_share_design(num_examples, num_models, seed, property_fractions,
+                                    property_subset_size)
   elif design == "property":
     if property_kind != "class_share":
       raise ValueError(f"property_kind must be 'class_share' or 'rotated_share'; got "
@@ -318,6 +315,25 @@ def rotated_property_masks(num_examples: int, num_models: int, seed: int, *,
   return masks, rotated, property_labels
 
 
+def rotated_share_design(num_examples: int, num_models: int, seed: int,
+                         property_fractions: Any, property_subset_size: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """(masks, rotation flags) of a property_kind='rotated_share' run, from its data
+  config's fields (`rotated_property_masks`; a subset size 0 means half the split).
+  """
+  fraction_with, fraction_without = tuple(property_fractions)
+  masks, rotated, _ = rotated_property_masks(
+      num_examples, num_models, seed, fraction_with=float(fraction_with),
+      fraction_without=float(fraction_without),
+      subset_size=int(property_subset_size) or num_examples // 2)
+  return masks, rotated
+
+
+def rotate_images(images: np.ndarray, degrees: int) -> np.ndarray:
+  """[N, H, W, C] images rotated counter-clockwise by `degrees` (a multiple of 90)."""
+  return np.rot90(images, degrees // 90, axes=(1, 2))
+
+
 def rotated_copies(images: np.ndarray, labels: np.ndarray, rotated: np.ndarray,
                    degrees: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The pool extended by rotated copies of the examples some model sees rotated.
@@ -353,7 +369,7 @@ def rotated_copies(images: np.ndarray, labels: np.ndarray, rotated: np.ndarray,
   needed = np.flatnonzero(rotated.any(0))
   slot = np.full(len(images), -1, np.int64)
   slot[needed] = len(images) + np.arange(needed.size)
-  copies = np.rot90(images[needed], degrees // 90, axes=(1, 2))
+  copies = rotate_images(images[needed], degrees)
   return (np.concatenate([images, copies]), np.concatenate([labels, labels[needed]]), slot)
 
 
@@ -369,14 +385,20 @@ def read_rotated_file(path: str, masks: np.ndarray) -> np.ndarray:
 def rotated_labels_of(masks: Any, rotated: Any, fraction_with: float,
                       fraction_without: float) -> np.ndarray:
   """[K] int32: 1 where model k's rotated share is nearer `fraction_with`."""
+  return _nearer_share(masks, np.asarray(rotated, bool), fraction_with, fraction_without)
+
+
+def _nearer_share(masks: Any, marked: np.ndarray, fraction_with: float,
+                  fraction_without: float) -> np.ndarray:
+  """[K] int32: 1 where the share of `marked` ([N] or [K, N]) examples among model
+  k's members is nearer `fraction_with` than `fraction_without`."""
   masks = np.asarray(masks, bool)
-  share = (np.asarray(rotated, bool) & masks).sum(1) / masks.sum(1)
+  share = (masks & marked).sum(1) / masks.sum(1)
   return (np.abs(share - fraction_with) < np.abs(share - fraction_without)).astype(np.int32)
 
 
 def property_labels_of(masks: Any, labels: Any, property_class: int,
                        fraction_with: float, fraction_without: float) -> np.ndarray:
   """[K] int32: 1 where model k's subset is nearer `fraction_with` of `property_class`."""
-  masks = np.asarray(masks, bool)
-  share = (masks & (np.asarray(labels)[None] == property_class)).sum(1) / masks.sum(1)
-  return (np.abs(share - fraction_with) < np.abs(share - fraction_without)).astype(np.int32)
+  return _nearer_share(masks, np.asarray(labels)[None] == property_class, fraction_with,
+                       fraction_without)

@@ -170,7 +170,7 @@ def build(settings: ml_collections.ConfigDict, setup: EvalSetup):
       query_images = queries.load(queries.indices)[0]
       if rotation:
         query_images = np.array(query_images)
-        query_images[1::2] = np.rot90(query_images[1::2], rotation // 90, axes=(1, 2))
+        query_images[1::2] = membership_data.rotate_images(query_images[1::2], rotation)
       logits = membership_eval.all_model_logits(
           ctx.apply_fn, ctx.variables, query_images, "none", 500)
       inputs["outputs"] = logits[:, :, 0]
@@ -230,17 +230,15 @@ def _rotation(data_config: Any) -> int:
 def _rotated_labels(run_config: Any, masks: np.ndarray) -> np.ndarray:
   """[K] property labels of a rotated_share run, from the flags its config draws.
 
-  The flags are a pure function of the config (`rotated_property_masks`); the
+  The flags are a pure function of the config (`rotated_share_design`); the
   masks they come with must be the ones the run saved, or the workdir was
   trained with other settings than its config says.
   """
   data_config = run_config.data
   num_models, num_examples = masks.shape
-  drawn, rotated, _ = membership_data.rotated_property_masks(
-      num_examples, num_models, int(run_config.seed),
-      fraction_with=float(data_config.property_fractions[0]),
-      fraction_without=float(data_config.property_fractions[1]),
-      subset_size=int(data_config.property_subset_size) or num_examples // 2)
+  drawn, rotated = membership_data.rotated_share_design(
+      num_examples, num_models, int(run_config.seed), data_config.property_fractions,
+      data_config.property_subset_size)
   if not np.array_equal(drawn, masks):
     raise ValueError("The saved membership masks differ from those the run's config draws "
                      "for property_kind='rotated_share': the workdir's config.json does not "

@@ -246,7 +246,7 @@ def make_many_step(loss_fn, tx, augment: bool, state_sharding, index_sharding, m
                                                        (indices, train_keys, augment_keys)))
                  for i, part in enumerate(state)]
       new_state = tuple(new for new, _ in outputs)
-      metrics = jax.tree.map(lambda *a: jnp.concatenate(a), *(m for _, m in outputs))
+      metrics = join_models(tuple(m for _, m in outputs))
     else:
       new_state, metrics = block_step(state, images_u8, labels, indices, train_keys,
                                       augment_keys)
@@ -330,17 +330,14 @@ def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResu
       property_fractions=tuple(config.data.property_fractions),
       property_subset_size=int(config.data.property_subset_size),
       property_kind=config.data.property_kind)
-  rotated_slot = None
+  rotated = rotated_slot = None
   if config.data.membership == "property" and config.data.property_kind == "rotated_share":
-    rotated = membership_lib.rotated_property_masks(
-        len(labels), num_models, int(config.seed),
-        fraction_with=float(config.data.property_fractions[0]),
-        fraction_without=float(config.data.property_fractions[1]),
-        subset_size=int(config.data.property_subset_size) or len(labels) // 2)[1]
+    rotated = membership_lib.rotated_share_design(
+        len(labels), num_models, int(config.seed), config.data.property_fractions,
+        config.data.property_subset_size)[1]
     images_u8, labels, rotated_slot = membership_lib.rotated_copies(
         images_u8, labels, rotated, int(config.data.property_rotation))
-  order = MemberOrder(masks, config.batch_size, int(config.seed),
-                      rotated if rotated_slot is not None else None, rotated_slot)
+  order = MemberOrder(masks, config.batch_size, int(config.seed), rotated, rotated_slot)
   total_steps = total_many_steps(config, masks)
   state_sharding, index_sharding = _shardings(mesh, num_models, config.batch_size)
 
@@ -359,7 +356,7 @@ def train_many(config: ml_collections.ConfigDict, workdir: str) -> ManyTrainResu
   signer = state_lib.signing_policy(config)
   ckpt_lib.write_config(workdir, config)
   _check_masks_file(workdir, masks, membership_lib.MASK_FILE, "membership masks")
-  if rotated_slot is not None:
+  if rotated is not None:
     _check_masks_file(workdir, rotated, membership_lib.ROTATED_FILE, "rotation flags")
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
   resumed = ckpt_lib.resume(manager, state, signer)
